@@ -1,0 +1,231 @@
+"""The ``featstore`` command line: parse, call the library, print. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from featstore.errors import FeatstoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="A batch feature store for CLIP embeddings: encode, labels, query, probe.")
+
+
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=None if not sys.stdout.isatty() else 1))
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"featstore: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(function):
+    """Bad input becomes one line on stderr and a non-zero exit (FEATSTORE_DEBUG=1 shows tracebacks)."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except FeatstoreError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; committed shards are kept, rerun to finish", 130)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            if os.environ.get("FEATSTORE_DEBUG"):
+                raise
+            _fail(f"{type(e).__name__}: {e} (set FEATSTORE_DEBUG=1 for a traceback)", 1)
+
+    return wrapper
+
+
+def _percent(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+@app.command()
+@_guard
+def encode(
+    source: str = typer.Argument(..., help="Folder, cifar10:ROOT[:train|test], cifar100:ROOT[:train|test] or manifest:FILE"),
+    store: str = typer.Option(..., "--store", help="Store directory (created if missing)"),
+    split: str = typer.Option(..., "--split", help="Split name, e.g. train"),
+    model: str = typer.Option("ViT-B/32", "--model", help="openai name, checkpoint path, or random:ARCH[:SEED]"),
+    batch_size: int = typer.Option(100, "--batch-size"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes (default: by device)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 (default fp16 on CUDA, fp32 on CPU)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored embedding type: float16 (default) or float32"),
+    shard_rows: int = typer.Option(50_000, "--shard-rows", help="Rows per Parquet shard"),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero when any image failed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
+):
+    """Encode SOURCE's images into split SPLIT of the store (only what changed since the last run)."""
+    from featstore.encode import encode as run_encode
+
+    result = run_encode(source, store, split, model=model, batch_size=batch_size, workers=workers, device=device,
+                        precision=precision, dtype=dtype, shard_rows=shard_rows, progress=not quiet)
+    if as_json:
+        _print_json(result)
+    else:
+        for line in result["repairs"]:
+            typer.echo(f"repaired: {line}", err=True)
+        typer.echo(
+            f"split {result['split']}: {result['rows']} rows in {result['shards']} shards | encoded {result['encoded']} "
+            f"(replaced {result['replaced']}), unchanged {result['unchanged']}, removed {result['removed']}, "
+            f"failed {result['failed']} | {result['seconds']:.1f}s, {result['img_per_s'] or 0:.1f} img/s\n"
+            f"model {result['model']}"
+        )
+    if result["failed"]:
+        typer.echo(f"warning: {result['failed']} images could not be read; see featstore info {store} --failures", err=True)
+        if strict:
+            raise typer.Exit(4)
+
+
+@app.command()
+@_guard
+def labels(
+    store: str = typer.Argument(..., help="Store directory"),
+    template: Optional[List[str]] = typer.Option(None, "--template", help="Prompt template with {} (repeatable)"),
+    templates: Optional[str] = typer.Option(None, "--templates", help="File of templates, one per line, or paper80"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Display names: one per line in class order, or name<TAB>display"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Embed class prompts (ensembled over templates) and build the FAISS label index."""
+    from featstore.labels import build_labels
+
+    result = build_labels(store, template, templates, classes, device)
+    if as_json:
+        _print_json(result)
+    else:
+        typer.echo(f"label index: {result['classes']} classes x {result['templates']} templates -> {result['index']}")
+
+
+@app.command()
+@_guard
+def query(
+    store: str = typer.Argument(..., help="Store directory"),
+    split: Optional[str] = typer.Option(None, "--split", help="Rank labels for every stored image of this split"),
+    image: Optional[List[str]] = typer.Option(None, "--image", help="Rank labels for new image files (repeatable)"),
+    top_k: int = typer.Option(5, "--top-k"),
+    out: Optional[str] = typer.Option(None, "--out", help="Write per-image top-k (id, labels, scores) to Parquet"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Zero-shot nearest labels: accuracy over a split, or top-k for new images."""
+    from featstore import query as q
+
+    if bool(split) == bool(image):
+        raise FeatstoreError("give either --split NAME or --image PATH")
+    if image:
+        _print_json(q.query_images(store, image, top_k, device))
+        return
+    result = q.query_split(store, split, top_k, out)
+    if as_json:
+        _print_json({k: result[k] for k in ("n", "acc1", "acc5", "mean_per_class_recall")})
+    else:
+        typer.echo(f"split {split}: {result['rows']} images, {result['n']} labelled | acc1 {_percent(result['acc1'])} "
+                   f"acc5 {_percent(result['acc5'])} mean per-class recall {_percent(result['mean_per_class_recall'])}")
+        if out:
+            typer.echo(f"top-{top_k} written to {result['out']}")
+
+
+@app.command()
+@_guard
+def probe(
+    store: str = typer.Argument(..., help="Store directory"),
+    train_split: str = typer.Option(..., "--train-split"),
+    test_split: str = typer.Option(..., "--test-split"),
+    C: Optional[float] = typer.Option(None, "--C", help="Inverse regularisation; omitted: chosen by a validation sweep"),
+    max_iter: int = typer.Option(1000, "--max-iter"),
+    out: Optional[str] = typer.Option(None, "--out", help="Save the classifier (PATH.npz + PATH.json)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Train a logistic-regression linear probe on stored embeddings and report test accuracy."""
+    from featstore.probe import probe as run_probe
+
+    result = run_probe(store, train_split, test_split, C, max_iter, out)
+    if as_json:
+        _print_json({k: result[k] for k in ("acc1", "C", "n_train", "n_test")})
+    else:
+        typer.echo(f"linear probe: acc1 {_percent(result['acc1'])} with C={result['C']:g} "
+                   f"(train {result['n_train']}, test {result['n_test']})")
+
+
+@app.command()
+@_guard
+def info(
+    store: str = typer.Argument(..., help="Store directory"),
+    failures: bool = typer.Option(False, "--failures", help="List images that could not be read"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Model, classes, label index and per-split rows / failures / shards (reads the manifest only)."""
+    from featstore.store import Store
+
+    opened = Store.open(store)
+    if failures:
+        rows = opened.failures()
+        if as_json:
+            _print_json(rows)
+        for row in [] if as_json else rows:
+            typer.echo(f"{row['split']}\t{row['path']}\t{row['reason']}")
+        return
+    summary = opened.summary()
+    if as_json:
+        summary["model"] = summary["model"]["spec"]
+        summary["model_identity"] = opened.manifest["model"]
+        _print_json(summary)
+        return
+    from featstore.identity import describe
+
+    classes = summary["classes"]
+    typer.echo(f"store   {summary['store']}\nmodel   {describe(opened.manifest['model'])}\n"
+               f"dim     {summary['dim']} ({summary['dtype']})\n"
+               f"classes {len(classes)}: {', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''}\n"
+               f"labels  {'index of %d templates' % summary['templates'] if summary['label_index'] else 'none (run featstore labels)'}")
+    for name, s in summary["splits"].items():
+        typer.echo(f"split {name}: {s['rows']} rows, {s['failed']} failed, {s['shards']} shards  <- {s['source']}")
+
+
+@app.command()
+@_guard
+def verify(store: str = typer.Argument(..., help="Store directory"), as_json: bool = typer.Option(False, "--json")):
+    """Check every shard against the manifest's checksums and row counts; exit 1 if any is damaged."""
+    from featstore.store import Store
+
+    problems = Store.open(store).verify()
+    if as_json:
+        _print_json({"ok": not problems, "problems": problems})
+    else:
+        for p in problems:
+            typer.echo(f"{p['file']}: {p['problem']}", err=True)
+        typer.echo("store ok" if not problems else f"{len(problems)} damaged or missing files; run featstore encode to repair")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def run(jobfile: str = typer.Argument(..., help="TOML job file"), as_json: bool = typer.Option(False, "--json")):
+    """Run a job file's steps (encode -> labels -> query -> probe)."""
+    from featstore.jobs import run_job
+
+    results = run_job(jobfile, echo=lambda line: typer.echo(line, err=as_json))
+    if as_json:
+        _print_json(results)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""``featstore encode``: plan → reader → mapper → writer, driven by ``encode``.
+
+- plan: compare the source's fingerprints with the split's rows; only new or changed items are read.
+- reader: a torch DataLoader whose workers read, hash and preprocess images (bad files become failures).
+- mapper: the model's ``encode_image`` (raw, unnormalised outputs).
+- writer: buffers rows and commits shards on a background thread, then patches shards whose rows
+  changed or vanished, each by an atomic replace.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featstore.errors import FeatstoreError
+from featstore.models import DEFAULT_MODEL, ClipModel, describe, load_model, same_model
+from featstore.sources import Item, open_source
+from featstore.store import DTYPES, Store, check_split_name, shard_schema
+
+DEFAULT_SHARD_ROWS = 50_000
+
+
+# ---- plan ---------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What a run must do to make the split equal to the source."""
+
+    to_encode: list[Item] = field(default_factory=list)
+    unchanged: int = 0
+    kept_failures: int = 0
+    old_shard: dict[str, str] = field(default_factory=dict)  # changed id -> shard holding its old row
+    removed: dict[str, set[str]] = field(default_factory=dict)  # shard -> ids gone from the source
+    retouched: dict[str, dict[str, Item]] = field(default_factory=dict)  # same bytes, new fingerprint
+
+    def shards_to_patch(self) -> set[str]:
+        return set(self.old_shard.values()) | set(self.removed) | set(self.retouched)
+
+
+def row_index(store: Store, split: str) -> dict[str, tuple]:
+    """id -> (shard, size, mtime_ns, sha256, label) for every stored row of the split."""
+    index: dict[str, tuple] = {}
+    columns = ["id", "size", "mtime_ns", "sha256", "label"]
+    for path in store.shard_paths(split):
+        table = pq.read_table(path, columns=columns)
+        shard = os.path.basename(path)
+        for row in zip(*(table.column(c).to_pylist() for c in columns)):
+            index[row[0]] = (shard, *row[1:])
+    return index
+
+
+def make_plan(store: Store, split: str, items: list[Item], source, label_ids: dict[str, int]) -> Plan:
+    plan = Plan()
+    index = row_index(store, split)
+    failed = store.split_info(split)["failed"]
+    live = {item.id for item in items}
+    for item in items:
+        label = label_ids.get(item.label) if item.label is not None else None
+        old = index.get(item.id)
+        if old is None:
+            record = failed.get(item.id)
+            if record and (record["size"], record["mtime_ns"], record.get("sha256")) == (item.size, item.mtime_ns, item.sha256):
+                plan.kept_failures += 1  # retried only once the file changes
+            else:
+                plan.to_encode.append(item)
+            continue
+        shard, size, mtime_ns, sha, old_label = old
+        if item.sha256 is not None:
+            same_bytes, same_fingerprint = item.sha256 == sha, item.sha256 == sha
+        else:
+            same_fingerprint = (size, mtime_ns) == (item.size, item.mtime_ns)
+            same_bytes = same_fingerprint or _file_sha256(source, item) == sha
+        if not same_bytes:
+            plan.to_encode.append(item)
+            plan.old_shard[item.id] = shard
+        elif not same_fingerprint or label != old_label:
+            plan.retouched.setdefault(shard, {})[item.id] = item
+        else:
+            plan.unchanged += 1
+    for row_id, (shard, *_rest) in index.items():
+        if row_id not in live:
+            plan.removed.setdefault(shard, set()).add(row_id)
+    for row_id in [r for r in failed if r not in live]:
+        del failed[row_id]
+    return plan
+
+
+def _file_sha256(source, item: Item) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(source.read(item)).hexdigest()
+    except OSError:
+        return None
+
+
+# ---- reader -------------------------------------------------------------------------------------
+class ItemDataset(Dataset):
+    """Reads, hashes and preprocesses one item; a bad file yields its error instead of a tensor."""
+
+    def __init__(self, source, items: list[Item], preprocess):
+        self.source, self.items, self.preprocess = source, items, preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        try:
+            sha, image = self.source.open(self.items[i])
+            return i, self.preprocess(image), sha, None
+        except Exception as e:  # any decoder error is a property of the file, not of the run
+            return i, None, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def collate(samples):
+    ok = [s for s in samples if s[1] is not None]
+    pixels = torch.stack([s[1] for s in ok]) if ok else None
+    return pixels, [s[0] for s in ok], [s[2] for s in ok], [(s[0], s[3]) for s in samples if s[1] is None]
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the model for every core
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores // 2))
+
+
+# ---- writer -------------------------------------------------------------------------------------
+class ShardWriter:
+    """Turns encoded batches into committed shards, on one background thread so the model never waits
+    for Parquet; rows of changed items are held back and patched into their old shard at the end."""
+
+    def __init__(self, store: Store, split: str, plan: Plan, label_ids: dict[str, int], shard_rows: int):
+        self.store, self.split, self.plan, self.label_ids = store, split, plan, label_ids
+        self.shard_rows = shard_rows
+        self.schema = shard_schema(store.dim, store.manifest["dtype"], store.manifest["model"])
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.failures: dict[str, dict] = {}
+        self.replacements: list[pa.Table] = []
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-writer")
+        self.pending: list[concurrent.futures.Future] = []
+        self.shards_written = 0
+        self.encoded = 0
+
+    def rows(self, items: list[Item], embeddings: np.ndarray, shas: list[str]) -> pa.Table:
+        dtype = np.float16 if self.store.manifest["dtype"] == "float16" else np.float32
+        flat = pa.array(np.ascontiguousarray(embeddings, dtype=dtype).reshape(-1))
+        now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
+        return pa.table(
+            {
+                "id": [it.id for it in items],
+                "path": [it.path for it in items],
+                "label": pa.array([self.label_ids.get(it.label) if it.label is not None else None for it in items], pa.int32()),
+                "embedding": pa.FixedSizeListArray.from_arrays(flat, self.store.dim),
+                "size": pa.array([it.size for it in items], pa.int64()),
+                "mtime_ns": pa.array([it.mtime_ns for it in items], pa.int64()),
+                "sha256": shas,
+                "encoded_at": pa.array([now.value] * len(items), pa.timestamp("ms", tz="UTC")),
+            },
+            schema=self.schema,
+        )
+
+    def add(self, items: list[Item], embeddings: np.ndarray, shas: list[str], failures: list[tuple[Item, str]]) -> None:
+        for item, reason in failures:
+            self.failures[item.id] = {"path": item.path, "reason": reason, "size": item.size,
+                                      "mtime_ns": item.mtime_ns, "sha256": item.sha256}
+        if not items:
+            return
+        table = self.rows(items, embeddings, shas)
+        self.encoded += len(items)
+        moved = pa.array([it.id in self.plan.old_shard for it in items])
+        self.replacements.append(table.filter(moved))
+        fresh = table.filter(pc.invert(moved))
+        self.buffer.append(fresh)
+        self.buffered += fresh.num_rows
+        while self.buffered >= self.shard_rows:
+            whole = pa.concat_tables(self.buffer)
+            self._submit(whole.slice(0, self.shard_rows))
+            rest = whole.slice(self.shard_rows)
+            self.buffer, self.buffered = [rest], rest.num_rows
+
+    def _submit(self, table: pa.Table) -> None:
+        failures, self.failures = self.failures, {}
+        for future in [f for f in self.pending if f.done()]:
+            future.result()  # surface a writer error at once
+            self.pending.remove(future)
+        while len(self.pending) >= 2:  # bound memory: at most two shards waiting for the disk
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self._commit, table, failures))
+
+    def _commit(self, table: pa.Table, failures: dict[str, dict]) -> None:
+        failed = self.store.split_info(self.split)["failed"]
+        failed.update(failures)
+        for row_id in table.column("id").to_pylist():
+            failed.pop(row_id, None)
+        if table.num_rows:
+            self.store.write_shard(self.split, table)
+            self.shards_written += 1
+        else:
+            self.store.save()
+
+    def close(self) -> None:
+        """Commit what is buffered, then patch changed, re-fingerprinted and removed rows into place."""
+        self._submit(pa.concat_tables(self.buffer) if self.buffer else self.schema.empty_table())
+        self.buffer, self.buffered = [], 0
+        for future in self.pending:
+            future.result()
+        self.pool.shutdown()
+        self._patch()
+
+    def _patch(self) -> None:
+        replacements = pa.concat_tables(self.replacements) if self.replacements else self.schema.empty_table()
+        replaced_ids = set(replacements.column("id").to_pylist())
+        failed = self.store.split_info(self.split)["failed"]
+        for shard in sorted(self.plan.shards_to_patch()):
+            path = os.path.join(self.store.split_dir(self.split), shard)
+            table = pq.read_table(path).cast(self.schema)
+            mine = {i for i, s in self.plan.old_shard.items() if s == shard}
+            retouched = self.plan.retouched.get(shard, {})
+            drop = self.plan.removed.get(shard, set()) | mine | set(retouched)
+            keep = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(drop), pa.string()))))
+            new_rows = replacements.filter(pc.is_in(replacements.column("id"), pa.array(sorted(mine & replaced_ids), pa.string())))
+            touched = self._retouch(table, retouched)
+            patched = pa.concat_tables([keep, new_rows, touched])
+            for row_id in new_rows.column("id").to_pylist():
+                failed.pop(row_id, None)
+            if patched.num_rows:
+                self.store.write_shard(self.split, patched, name=shard)
+            else:
+                self.store.delete_shard(self.split, shard)
+        self.store.save()
+
+    def _retouch(self, table: pa.Table, items: dict[str, Item]) -> pa.Table:
+        """Old rows with the new fingerprint and label of files whose bytes did not change."""
+        if not items:
+            return self.schema.empty_table()
+        rows = table.filter(pc.is_in(table.column("id"), pa.array(sorted(items), pa.string()))).to_pylist()
+        for row in rows:
+            item = items[row["id"]]
+            row.update(size=item.size, mtime_ns=item.mtime_ns, path=item.path,
+                       label=self.label_ids.get(item.label) if item.label is not None else None)
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+# ---- runner -------------------------------------------------------------------------------------
+def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWriter, batch_size: int,
+                 workers: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    loader = DataLoader(
+        ItemDataset(source, items, model.preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=model.device.type == "cuda",
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+    )
+    with tqdm(total=len(items), unit="img", desc="encode", disable=not progress, file=sys.stderr) as bar:
+        for pixels, indices, shas, failures in loader:
+            embeddings = model.encode_images(pixels).numpy() if pixels is not None else None
+            writer.add([items[i] for i in indices], embeddings, shas, [(items[i], why) for i, why in failures])
+            bar.update(len(indices) + len(failures))
+
+
+def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, batch_size: int = 100,
+           workers: int | None = None, device: str = "auto", precision: str | None = None,
+           dtype: str | None = None, shard_rows: int = DEFAULT_SHARD_ROWS, progress: bool = True) -> dict[str, Any]:
+    """Make split SPLIT of the store at STORE_DIR hold exactly the embeddings of SOURCE's images."""
+    check_split_name(split)
+    if batch_size < 1:
+        raise FeatstoreError("--batch-size must be at least 1")
+    if shard_rows < 1:
+        raise FeatstoreError("--shard-rows must be at least 1")
+    if workers is not None and workers < 0:
+        raise FeatstoreError("--workers must be 0 or more")
+    if dtype is not None and dtype not in DTYPES:
+        raise FeatstoreError(f"unknown --dtype {dtype!r}: use float16 or float32")
+    store = Store(store_dir)
+    if store.exists and dtype is not None and dtype != store.manifest["dtype"]:
+        raise FeatstoreError(f"store {store.root} holds {store.manifest['dtype']} embeddings, not {dtype}")
+    src = open_source(source, split)
+    items = src.scan()
+    clip_model = load_model(model, device, precision)
+    if store.exists and not same_model(store.manifest["model"], clip_model.identity):
+        raise FeatstoreError(
+            f"store {store.root} holds embeddings of {describe(store.manifest['model'])}; "
+            f"this run would use {describe(clip_model.identity)}: use another --store"
+        )
+    started = time.perf_counter()
+    with store.lock("featstore encode"):
+        if not store.exists:
+            store.create(clip_model.identity, dtype or "float16")
+        repairs = store.reconcile(split)
+        store.split_info(split)["source"] = src.spec
+        label_ids = store.class_ids(src.classes())
+        plan = make_plan(store, split, items, src, label_ids)
+        writer = ShardWriter(store, split, plan, label_ids, shard_rows)
+        workers = default_workers(clip_model.device) if workers is None else workers
+        run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
+        writer.close()
+    seconds = time.perf_counter() - started
+    info = store.split_info(split)
+    encoded = writer.encoded
+    return {
+        "split": split,
+        "store": store.root,
+        "model": describe(store.manifest["model"]),
+        "random_weights": bool(store.manifest["model"].get("random_weights")),
+        "rows": sum(r["rows"] for r in info["shards"].values()),
+        "encoded": encoded,
+        "replaced": len(plan.old_shard),
+        "unchanged": plan.unchanged,
+        "removed": sum(len(v) for v in plan.removed.values()),
+        "failed": len(info["failed"]),
+        "new_failures": len(plan.to_encode) - encoded,
+        "shards": len(info["shards"]),
+        "shards_written": writer.shards_written,
+        "seconds": round(seconds, 3),
+        "img_per_s": round(len(plan.to_encode) / seconds, 2) if seconds > 0 else None,
+        "repairs": repairs,
+    }

@@ -1,0 +1,207 @@
+"""Where images come from: a folder, a CIFAR python archive, or a manifest file.
+
+A source lists its items cheaply (``scan``: ids, labels and a fingerprint, no decoding) and opens one item
+at a time (``open``: bytes hash and an RGB PIL image), so that the store can decide what to encode before
+any pixel is read, and decoding can run in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from featstore.errors import FeatstoreError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+Image.MAX_IMAGE_PIXELS = 178_956_970  # PIL's default bomb guard, stated so it cannot be switched off silently
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a source. ``size``/``mtime_ns`` are the cheap change fingerprint; ``sha256`` is
+    known at scan time only for in-memory sources (archives), else computed when the file is read."""
+
+    id: str
+    path: str
+    label: str | None
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; 16/32-bit greyscale is scaled to 8 bits first (PIL's convert would clip)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = float(array.max()) or 1.0
+        image = Image.fromarray((array * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
+    elif image.mode in ("P", "PA", "LA", "RGBA") and image.mode != "RGB":
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return to_rgb(image)
+
+
+class FolderSource:
+    """A directory of images; first-level subfolders are classes named by the folder, a flat folder is unlabelled."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise FeatstoreError(f"source folder {root} does not exist")
+        self.root = os.path.abspath(root)
+        self.spec = self.root
+
+    def _walk(self, folder: str):
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    yield from self._walk(entry.path)
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    yield entry
+
+    def classes(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+
+    def scan(self) -> list[Item]:
+        items = []
+        for entry in self._walk(self.root):
+            rel = os.path.relpath(entry.path, self.root).replace(os.sep, "/")
+            label = rel.split("/", 1)[0] if "/" in rel else None
+            st = entry.stat()
+            items.append(Item(rel, rel, label, st.st_size, st.st_mtime_ns))
+        return items
+
+    def read(self, item: Item) -> bytes:
+        with open(os.path.join(self.root, item.path), "rb") as f:
+            return f.read()
+
+    def open(self, item: Item) -> tuple[str, Image.Image]:
+        data = self.read(item)
+        return hashlib.sha256(data).hexdigest(), decode_image(data)
+
+
+class ManifestSource(FolderSource):
+    """A Parquet or CSV file with a ``path`` column (relative to the file's folder, or absolute) and an
+    optional ``label`` column of class names."""
+
+    def __init__(self, manifest: str):
+        if not os.path.isfile(manifest):
+            raise FeatstoreError(f"manifest {manifest} does not exist")
+        self.manifest = os.path.abspath(manifest)
+        self.root = os.path.dirname(self.manifest)
+        self.spec = f"manifest:{self.manifest}"
+        self.rows = self._read_rows()
+
+    def _read_rows(self) -> list[tuple[str, str | None]]:
+        if self.manifest.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(self.manifest)
+            except Exception as e:
+                raise FeatstoreError(f"cannot read manifest {self.manifest}: {e}") from None
+            columns = {name: table.column(name).to_pylist() for name in table.column_names}
+        else:
+            with open(self.manifest, newline="") as f:
+                records = list(csv.DictReader(f))
+            columns = {k: [r[k] for r in records] for k in (records[0].keys() if records else [])}
+        if "path" not in columns:
+            raise FeatstoreError(f"manifest {self.manifest} has no 'path' column")
+        labels = columns.get("label") or [None] * len(columns["path"])
+        return [(str(p), (str(lab) if lab not in (None, "") else None)) for p, lab in zip(columns["path"], labels)]
+
+    def classes(self) -> list[str]:
+        return sorted({label for _, label in self.rows if label is not None})
+
+    def scan(self) -> list[Item]:
+        items = []
+        for path, label in self.rows:
+            full = path if os.path.isabs(path) else os.path.join(self.root, path)
+            rel = os.path.relpath(full, self.root).replace(os.sep, "/") if not os.path.isabs(path) else path
+            try:
+                st = os.stat(full)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1  # reported as a failure when opened
+            items.append(Item(rel, rel, label, size, mtime))
+        return items
+
+
+class CifarSource:
+    """CIFAR-10/100 python pickle archives laid out as torchvision downloads them (``ROOT/cifar-100-python``)."""
+
+    LAYOUT = {
+        "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+                    "batches.meta", "label_names", "labels"),
+        "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", "fine_label_names", "fine_labels"),
+    }
+
+    def __init__(self, kind: str, root: str, part: str):
+        folder, parts, meta, names_key, labels_key = self.LAYOUT[kind]
+        if part not in parts:
+            raise FeatstoreError(f"{kind} has parts train and test, not {part!r}: use {kind}:ROOT:train or :test")
+        self.root = os.path.join(os.path.abspath(root), folder)
+        self.spec = f"{kind}:{os.path.abspath(root)}:{part}"
+        if not os.path.isdir(self.root):
+            raise FeatstoreError(f"no {folder} folder under {root}")
+        try:
+            self._classes = [self._decode(n) for n in self._unpickle(meta)[names_key]]
+            batches = [self._unpickle(name) for name in parts[part]]
+            self.data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+            self.labels = [int(x) for b in batches for x in b[labels_key]]
+        except FeatstoreError:
+            raise
+        except Exception as e:
+            raise FeatstoreError(f"{self.root} is not a {kind} python archive ({type(e).__name__}: {e})") from None
+        self.part = part
+
+    @staticmethod
+    def _decode(name) -> str:
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def _unpickle(self, name: str) -> dict:
+        path = os.path.join(self.root, name)
+        if not os.path.isfile(path):
+            raise FeatstoreError(f"missing {path}")
+        with open(path, "rb") as f:  # CIFAR's own format is pickle; only archives the user names are read
+            raw = pickle.load(f, encoding="bytes")
+        return {self._decode(k): v for k, v in raw.items()}
+
+    def classes(self) -> list[str]:
+        return list(self._classes)
+
+    def scan(self) -> list[Item]:
+        digests = (hashlib.sha256(row.tobytes()).hexdigest() for row in self.data)
+        return [
+            Item(f"{self.part}/{i}", f"{self.part}/{i}", self._classes[label], 3072, 0, sha)
+            for i, (label, sha) in enumerate(zip(self.labels, digests))
+        ]
+
+    def open(self, item: Item) -> tuple[str, Image.Image]:
+        index = int(item.path.rsplit("/", 1)[1])
+        row = self.data[index]
+        return hashlib.sha256(row.tobytes()).hexdigest(), Image.fromarray(row.transpose(1, 2, 0))
+
+
+def open_source(spec: str, split: str):
+    """Parse SOURCE: a folder, ``cifar10:ROOT[:PART]``, ``cifar100:ROOT[:PART]`` or ``manifest:FILE``."""
+    kind, _, rest = spec.partition(":")
+    if kind in CifarSource.LAYOUT and rest:
+        root, _, part = rest.rpartition(":") if rest.endswith((":train", ":test")) else (rest, "", split)
+        return CifarSource(kind, root, part)
+    if kind == "manifest" and rest:
+        return ManifestSource(rest)
+    return FolderSource(spec)

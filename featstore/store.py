@@ -1,0 +1,374 @@
+"""The on-disk store: plain Parquet shards plus one JSON manifest, both committed atomically.
+
+Layout::
+
+    DIR/featstore.json                     manifest: model identity, classes, shards (rows, sha256), failures
+    DIR/images/split=NAME/part-*.parquet   one file per shard; every file there holds only live rows
+    DIR/labels/classes.parquet             text embeddings per class (``featstore labels``)
+    DIR/labels/index.faiss                 IndexFlatIP over the normalised class embeddings
+    DIR/.lock                              held (flock) by the one writer
+
+A shard becomes visible by an atomic rename of a fully written, fsynced file; rows are replaced or removed
+by atomically replacing the shard file under the same name, so a plain Parquet reader never sees a
+duplicate or a tombstone. The manifest is rewritten (temp file, fsync, rename) after each shard commit;
+a commit cut short by a crash is finished or rolled back by the next writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from featstore.errors import FeatstoreError, StoreLocked
+
+MANIFEST = "featstore.json"
+FORMAT = 1
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SHARD_NAME = re.compile(r"^part-[0-9]{6}-[0-9a-f]{8}\.parquet$")
+DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def check_split_name(split: str) -> str:
+    if not SPLIT_NAME.match(split) or ".." in split:
+        raise FeatstoreError(f"bad split name {split!r}: use letters, digits, '_', '-' and '.'")
+    return split
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write) -> None:
+    """Write via ``write(tmp_path)``, fsync, rename over PATH, fsync the folder: all or nothing."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(folder)
+
+
+def shard_schema(dim: int, dtype: str, model: dict[str, Any]) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("path", pa.string()),
+            pa.field("label", pa.int32()),
+            pa.field("embedding", pa.list_(DTYPES[dtype], dim)),
+            pa.field("size", pa.int64()),
+            pa.field("mtime_ns", pa.int64()),
+            pa.field("sha256", pa.string()),
+            pa.field("encoded_at", pa.timestamp("ms", tz="UTC")),
+        ],
+        metadata={"featstore.model": json.dumps(model, sort_keys=True)},
+    )
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """A fixed_size_list column as a float32 (rows, dim) matrix, without per-row Python."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32, copy=False).reshape(-1, dim)
+
+
+class Store:
+    """A featstore directory. Reads need no lock; every writer holds ``lock()``."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.manifest_path = os.path.join(self.root, MANIFEST)
+        self.manifest: dict[str, Any] = {}
+        if os.path.isfile(self.manifest_path):
+            self.manifest = self._load_manifest()
+
+    # ---- manifest -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str) -> "Store":
+        store = cls(root)
+        if not store.exists:
+            raise FeatstoreError(f"no featstore store at {root} (run featstore encode first)")
+        return store
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.manifest)
+
+    def _load_manifest(self) -> dict[str, Any]:
+        try:
+            with open(self.manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise FeatstoreError(f"cannot read {self.manifest_path}: {e}") from None
+        if manifest.get("format") != FORMAT:
+            raise FeatstoreError(f"{self.manifest_path} is not a featstore format-{FORMAT} manifest")
+        for split, info in manifest.get("splits", {}).items():
+            check_split_name(split)
+            for name in info.get("shards", {}):
+                if not SHARD_NAME.match(name):
+                    raise FeatstoreError(f"{self.manifest_path} names a bad shard file {name!r}")
+        return manifest
+
+    def create(self, model: dict[str, Any], dtype: str) -> None:
+        self.manifest = {
+            "format": FORMAT,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": model,
+            "dim": model["dim"],
+            "dtype": dtype,
+            "classes": [],
+            "display_names": {},
+            "splits": {},
+            "labels": None,
+            "next_shard": 0,
+        }
+        os.makedirs(os.path.join(self.root, "images"), exist_ok=True)
+
+    def save(self) -> None:
+        data = json.dumps(self.manifest, indent=1, sort_keys=True).encode()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        atomic_write(self.manifest_path, write)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    def class_ids(self, names: list[str]) -> dict[str, int]:
+        """Ids for class names, appending unseen names so ids agree across splits (matched by name)."""
+        classes = self.manifest["classes"]
+        for name in names:
+            if name not in classes:
+                classes.append(name)
+        return {name: i for i, name in enumerate(classes)}
+
+    def split_info(self, split: str, create: bool = False) -> dict[str, Any]:
+        splits = self.manifest["splits"]
+        if split not in splits:
+            if not create:
+                have = ", ".join(sorted(splits)) or "none"
+                raise FeatstoreError(f"store {self.root} has no split {split!r} (splits: {have})")
+            splits[split] = {"source": None, "shards": {}, "failed": {}}
+        return splits[split]
+
+    # ---- locking --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Exclusive writer lock. flock dies with its process, so a lock left by kill -9 is simply free."""
+        os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                raise StoreLocked(f"store {self.root} is in use by {holder}; try again when it finishes") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})\n".encode(), 0)
+            if os.path.isfile(self.manifest_path):  # another writer may have committed since we looked
+                self.manifest = self._load_manifest()
+            yield
+        finally:
+            os.close(fd)
+
+    # ---- shards ---------------------------------------------------------------------------------
+    def split_dir(self, split: str) -> str:
+        return os.path.join(self.root, "images", f"split={check_split_name(split)}")
+
+    def shard_paths(self, split: str) -> list[str]:
+        folder = self.split_dir(split)
+        return [os.path.join(folder, name) for name, rec in self.split_info(split)["shards"].items() if "sha256" in rec]
+
+    def new_shard_name(self) -> str:
+        number = self.manifest["next_shard"]
+        self.manifest["next_shard"] = number + 1
+        return f"part-{number:06d}-{uuid.uuid4().hex[:8]}.parquet"
+
+    def write_shard(self, split: str, table: pa.Table, name: str | None = None) -> str:
+        """Commit TABLE as a new shard, or as an atomic replacement of shard NAME.
+
+        The manifest learns the new file's checksum ("next") before the rename and promotes it after,
+        so a writer killed between the two leaves a state the next writer can tell apart from damage."""
+        folder = self.split_dir(split)
+        os.makedirs(folder, exist_ok=True)
+        name = name or self.new_shard_name()
+        path = os.path.join(folder, name)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            record = self.split_info(split, create=True)["shards"].setdefault(name, {})
+            record["next"] = {"rows": table.num_rows, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
+            self.save()
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _fsync_dir(folder)
+        record.update(record.pop("next"), mtime_ns=os.stat(path).st_mtime_ns)
+        self.save()
+        return name
+
+    def delete_shard(self, split: str, name: str) -> None:
+        self.split_info(split)["shards"].pop(name, None)
+        self.save()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.split_dir(split), name))
+
+    def check_shard(self, split: str, name: str, full: bool = True) -> str | None:
+        """Why the shard on disk disagrees with the manifest, or None when it matches.
+
+        ``full=False`` trusts an unchanged size and mtime (cheap enough for every run); ``verify`` hashes."""
+        record = self.split_info(split)["shards"][name]
+        path = os.path.join(self.split_dir(split), name)
+        if not os.path.isfile(path):
+            return "missing"
+        st = os.stat(path)
+        if not full and (st.st_size, st.st_mtime_ns) == (record["bytes"], record.get("mtime_ns")):
+            return None
+        if st.st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
+            return "checksum mismatch"
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:
+            return f"unreadable ({e})"
+        return None if rows == record["rows"] else f"{rows} rows, manifest says {record['rows']}"
+
+    def reconcile(self, split: str) -> list[str]:
+        """Bring the manifest in line with the split's folder before writing (writers only).
+
+        Finishes or rolls back a commit a killed writer left half done, removes its temp files, and drops
+        damaged or missing shards so that their rows are encoded again. Returns a line per repair."""
+        info = self.split_info(split, create=True)
+        folder = self.split_dir(split)
+        notes: list[str] = []
+        on_disk = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        for name in sorted(on_disk):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(folder, name))
+            elif SHARD_NAME.match(name) and name not in info["shards"]:  # a delete that was interrupted
+                os.unlink(os.path.join(folder, name))
+        for name, record in list(info["shards"].items()):
+            pending = record.pop("next", None)
+            path = os.path.join(folder, name)
+            if pending and os.path.isfile(path) and sha256_file(path) == pending["sha256"]:
+                record.update(pending, mtime_ns=os.stat(path).st_mtime_ns)  # renamed, not yet recorded
+                continue
+            if "sha256" not in record:  # a new shard whose rename never happened
+                del info["shards"][name]
+                continue
+            problem = self.check_shard(split, name, full=False)
+            if problem is None:
+                record["mtime_ns"] = os.stat(path).st_mtime_ns
+                continue
+            del info["shards"][name]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            notes.append(f"dropped {problem} shard {name}; its rows will be encoded again")
+        self.save()
+        return notes
+
+    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        """All rows of a split, in id order (so results do not depend on shard layout)."""
+        paths = self.shard_paths(split)
+        schema = shard_schema(self.dim, self.manifest["dtype"], {})
+        if not paths:
+            table = schema.empty_table()
+            return table.select(columns) if columns else table
+        cols = columns if columns is None or "id" in columns else ["id", *columns]
+        try:
+            table = pa.concat_tables([pq.read_table(p, columns=cols) for p in paths])
+        except (OSError, pa.ArrowException) as e:
+            raise FeatstoreError(f"cannot read split {split!r}: {e} (run featstore verify)") from None
+        table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+        return table.select(columns) if columns else table
+
+    def features(self, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(ids, float32 embeddings, int labels with -1 for unlabelled) of a split."""
+        table = self.read_split(split, ["id", "label", "embedding"])
+        labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
+        return table.column("id").to_pylist(), embedding_matrix(table.column("embedding"), self.dim), labels
+
+    # ---- reports --------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """What ``featstore info`` shows; reads the manifest only."""
+        splits = {}
+        for name, info in sorted(self.manifest["splits"].items()):
+            shards = [r for r in info["shards"].values() if "sha256" in r]
+            splits[name] = {"rows": sum(r["rows"] for r in shards), "failed": len(info["failed"]),
+                            "shards": len(shards), "source": info.get("source")}
+        labels = self.manifest.get("labels")
+        return {
+            "store": self.root,
+            "model": self.manifest["model"],
+            "dim": self.dim,
+            "dtype": self.manifest["dtype"],
+            "classes": self.classes,
+            "label_index": bool(labels),
+            "templates": len(labels["templates"]) if labels else 0,
+            "splits": splits,
+        }
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [
+            {"split": split, "id": row_id, "path": rec["path"], "reason": rec["reason"]}
+            for split, info in sorted(self.manifest["splits"].items())
+            for row_id, rec in sorted(info["failed"].items())
+        ]
+
+    def verify(self) -> list[dict[str, str]]:
+        """Every shard against its recorded checksum and row count, and the folders against the manifest."""
+        problems = []
+        for split, info in sorted(self.manifest["splits"].items()):
+            for name, record in sorted(info["shards"].items()):
+                if "sha256" not in record:
+                    continue
+                problem = self.check_shard(split, name, full=True)
+                if problem:
+                    problems.append({"split": split, "file": f"images/split={split}/{name}", "problem": problem})
+        images = os.path.join(self.root, "images")
+        for folder in sorted(os.listdir(images)) if os.path.isdir(images) else []:
+            split = folder.removeprefix("split=")
+            recorded = self.manifest["splits"].get(split, {}).get("shards", {})
+            for name in sorted(os.listdir(os.path.join(images, folder))):
+                if name.endswith(".parquet") and name not in recorded:
+                    problems.append({"split": split, "file": f"images/{folder}/{name}", "problem": "not in the manifest"})
+        return problems
