@@ -1,0 +1,116 @@
+"""The store on disk: crash safety (SIGKILL and resume), plain-Parquet readers, info and verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, featstore, write_folder
+
+SLOW_MODEL = "random:ViT-B/32:3"  # ~16 img/s here: slow enough to kill mid-run
+
+
+def store_rows(store: str, split: str) -> dict[str, np.ndarray]:
+    table = pq.read_table(os.path.join(store, "images", f"split={split}"))
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate rows"
+    return dict(zip(ids, np.array(table.column("embedding").to_pylist(), np.float32)))
+
+
+def committed_shards(store: str, split: str) -> int:
+    try:
+        with open(os.path.join(store, "featstore.json")) as f:
+            shards = json.load(f)["splits"][split]["shards"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum("sha256" in r for r in shards.values())
+
+
+def start_encode(source: str, store: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "featstore", "encode", source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
+         "--batch-size", "4", "--shard-rows", "8", "--workers", "1", "--quiet", *extra],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(process: subprocess.Popen, condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"encode finished before it could be killed: {process.stderr.read()}"
+        assert time.time() < deadline, "condition never met"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def kill_source(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("kill")
+    write_folder(root, per_class=8, seed=7, classes=["circle", "square", "triangle"])
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, kill_source) -> str:
+    store = str(tmp_path_factory.mktemp("ref") / "store")
+    featstore("encode", kill_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
+              "--batch-size", "4", "--shard-rows", "8", "--quiet")
+    return store
+
+
+def assert_same_store(store: str, reference: str) -> None:
+    mine, ref = store_rows(store, "train"), store_rows(reference, "train")
+    assert sorted(mine) == sorted(ref)
+    for row_id in ref:
+        np.testing.assert_allclose(mine[row_id], ref[row_id], rtol=2e-3, atol=2e-3)
+    folder = os.path.join(store, "images", "split=train")
+    assert not [n for n in os.listdir(folder) if not n.endswith(".parquet")], "temp files left behind"
+    assert featstore("verify", store).returncode == 0
+
+
+def test_sigkill_after_first_shards_then_resume(tmp_path, kill_source, uninterrupted):
+    store = str(tmp_path / "store")
+    kill_when(start_encode(kill_source, store), lambda: committed_shards(store, "train") >= 1)
+    killed_at = committed_shards(store, "train")
+    assert 1 <= killed_at < 3
+    # the killed store is readable as it stands: committed rows only, no duplicates
+    partial = store_rows(store, "train")
+    assert 0 < len(partial) < 24
+    result = json.loads(featstore("encode", kill_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
+                                  "--batch-size", "4", "--shard-rows", "8", "--quiet", "--json").stdout)
+    assert result["unchanged"] == len(partial)
+    assert result["encoded"] == 24 - len(partial)
+    assert_same_store(store, uninterrupted)
+
+
+def test_duckdb_and_polars_read_the_shards(tmp_path, dataset):
+    store = str(tmp_path / "store")
+    for split in ("train", "test"):
+        featstore("encode", os.path.join(dataset, split), "--store", store, "--split", split,
+                  "--model", "random:tiny", "--shard-rows", "25", "--quiet")
+    counts = dict(duckdb.sql(
+        f"select split, count(*) from read_parquet('{store}/images/*/*.parquet', hive_partitioning=true) group by split"
+    ).fetchall())
+    assert counts == {"train": 60, "test": 30}
+    dim = duckdb.sql(f"select len(embedding) from read_parquet('{store}/images/*/*.parquet') limit 1").fetchall()[0][0]
+    assert dim == 64
+    frame = pl.read_parquet(f"{store}/images/*/*.parquet", hive_partitioning=True)
+    assert frame.group_by("split").len().sort("split").rows() == [("test", 30), ("train", 60)]
+    assert frame["label"].null_count() == 0
+
+    info = json.loads(featstore("info", store, "--json").stdout)
+    assert info["model"] == "random:tiny:0" and info["dim"] == 64
+    assert info["classes"] == ["circle", "cross", "ring", "square", "stripes", "triangle"]
+    assert info["splits"]["train"] == {"rows": 60, "failed": 0, "shards": 3, "source": os.path.join(dataset, "train")}
+    assert info["splits"]["test"]["rows"] == 30
+    assert info["label_index"] is False
