@@ -1,0 +1,171 @@
+"""Sources, models, label ensembling, queries of new images, the probe's sweep and saved classifier, jobs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, SMALL_CLIP, draw_image, featstore, write_cifar100
+
+from featstore.encode import encode
+from featstore.labels import build_labels, resolve_templates
+from featstore.probe import load_classifier, probe
+from featstore.query import query_images, query_split
+from featstore.store import Store
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import clip
+    import torch
+    from clip.clip import _transform
+    from clip.model import CLIP, build_model
+
+
+def test_cifar_archive_source(tmp_path):
+    names = write_cifar100(tmp_path / "cifar")
+    store = str(tmp_path / "store")
+    result = encode(f"cifar100:{tmp_path / 'cifar'}", store, "train", model="random:tiny", progress=False)
+    encode(f"cifar100:{tmp_path / 'cifar'}:test", store, "holdout", model="random:tiny", progress=False)
+    assert result["rows"] == 30 and result["failed"] == 0
+    s = Store.open(store)
+    assert s.classes == names  # from the archive's meta, in its order
+    table = s.read_split("train")
+    assert table.column("path").to_pylist()[:2] == ["train/0", "train/1"]
+    labels = dict(zip(table.column("id").to_pylist(), table.column("label").to_pylist()))
+    assert all(labels[f"train/{i}"] == i % 5 for i in range(30))
+    assert s.summary()["splits"]["holdout"]["rows"] == 12
+
+
+def test_manifest_sources_csv_and_parquet(tmp_path, dataset):
+    rows = [(f"train/{c}/img_00{i}.png", c) for c in ("circle", "square") for i in range(3)]
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows([(os.path.join(dataset, p), c) for p, c in rows])
+    pq.write_table(pa.table({"path": [p for p, _ in rows]}), os.path.join(dataset, "m.parquet"))
+    store = str(tmp_path / "store")
+    labelled = encode(f"manifest:{tmp_path / 'm.csv'}", store, "a", model="random:tiny", progress=False)
+    unlabelled = encode(f"manifest:{os.path.join(dataset, 'm.parquet')}", store, "b", model="random:tiny", progress=False)
+    assert labelled["rows"] == unlabelled["rows"] == 6
+    s = Store.open(store)
+    assert s.classes == ["circle", "square"]
+    assert s.read_split("b").column("label").null_count == 6
+    assert s.read_split("b").column("path").to_pylist()[0] == "train/circle/img_000.png"  # relative to the manifest
+
+
+def test_flat_folder_is_unlabelled_and_modes_become_rgb(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    base = draw_image(1, 1)
+    base.convert("L").save(folder / "grey.png")
+    base.convert("RGBA").save(folder / "alpha.png")
+    base.convert("P").save(folder / "palette.png")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    (folder / "notes.txt").write_text("not an image and not listed")
+    result = encode(str(folder), str(tmp_path / "s"), "all", model="random:tiny", progress=False)
+    assert result["rows"] == 4 and result["failed"] == 0
+    assert Store.open(str(tmp_path / "s")).read_split("all").column("label").null_count == 4
+
+
+def test_state_dict_checkpoint_matches_clip_build_model(checkpoint):
+    from featstore.models import load_model
+
+    mine = load_model(checkpoint, "cpu")
+    reference = build_model(torch.load(checkpoint, weights_only=True)).float().eval()
+    pixels = _transform(64)(draw_image(2, 3)).unsqueeze(0)
+    with torch.no_grad():
+        expected = reference.encode_image(pixels)
+    assert torch.equal(mine.encode_images(pixels), expected)
+    assert mine.identity["architecture"] == "tiny" and mine.identity["dim"] == 64
+    assert len(mine.identity["sha256"]) == 64 and mine.identity["random_weights"] is False
+
+
+def test_random_specs_are_deterministic_and_flagged():
+    from featstore.models import load_model
+
+    a, b, c = load_model("random:tiny"), load_model("random:tiny:0"), load_model("random:tiny:1")
+    pixels = torch.rand(2, 3, 64, 64)
+    assert torch.equal(a.encode_images(pixels), b.encode_images(pixels))
+    assert not torch.equal(a.encode_images(pixels), c.encode_images(pixels))
+    assert a.identity["random_weights"] is True and a.identity["spec"] == "random:tiny:0"
+
+
+def test_labels_ensemble_templates_like_clip(tmp_path, dataset, checkpoint):
+    store = str(tmp_path / "store")
+    encode(os.path.join(dataset, "test"), store, "test", model=checkpoint, dtype="float32", progress=False)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"shape {i}" for i in range(6)) + "\n")
+    templates = ["a photo of a {}.", "a drawing of the {}.", "itap of a {}."]
+    build_labels(store, templates=templates, classes_file=str(names))
+    stored = pq.read_table(os.path.join(store, "labels", "classes.parquet"))
+    model = build_model(torch.load(checkpoint, weights_only=True)).float().eval()
+    with torch.no_grad():
+        for c in range(6):
+            text = model.encode_text(clip.tokenize([t.format(f"shape {c}") for t in templates]))
+            text = text / text.norm(dim=-1, keepdim=True)
+            mean = text.mean(dim=0)
+            expected = (mean / mean.norm()).numpy()
+            np.testing.assert_allclose(stored.column("embedding")[c].as_py(), expected, rtol=1e-5, atol=1e-6)
+    assert stored.column("name").to_pylist()[0] == "circle" and stored.column("display").to_pylist()[0] == "shape 0"
+    assert len(resolve_templates(templates_file="paper80")) == 80
+
+    # a new image file is ranked exactly like the same image stored in the split
+    image = os.path.join(dataset, "test", "ring", "img_001.png")
+    [answer] = query_images(store, [image], top_k=3)
+    out = tmp_path / "q.parquet"
+    query_split(store, "test", top_k=3, out=str(out))
+    rows = pq.read_table(out).to_pylist()
+    stored_answer = next(r for r in rows if r["id"] == "ring/img_001.png")
+    assert answer["labels"] == stored_answer["labels"]
+    np.testing.assert_allclose(answer["scores"], stored_answer["scores"], rtol=1e-4)
+    assert answer["scores"] == sorted(answer["scores"], reverse=True)
+
+
+def test_query_image_cli_prints_json(tmp_path, dataset):
+    store = str(tmp_path / "store")
+    encode(os.path.join(dataset, "test"), store, "test", model="random:tiny", progress=False)
+    featstore("labels", store)
+    image = os.path.join(dataset, "test", "circle", "img_000.png")
+    answer = json.loads(featstore("query", store, "--image", image, "--image", image, "--top-k", "2", "--json").stdout)
+    assert [a["image"] for a in answer] == [image, image]
+    assert len(answer[0]["labels"]) == 2 and answer[0]["scores"][0] >= answer[0]["scores"][1]
+
+
+def test_probe_sweep_and_saved_classifier(tmp_path, dataset, checkpoint):
+    from sklearn.linear_model import LogisticRegression
+
+    store = str(tmp_path / "store")
+    for split in ("train", "test"):
+        encode(os.path.join(dataset, split), store, split, model=checkpoint, dtype="float32", progress=False)
+    result = probe(store, "train", "test", out=str(tmp_path / "probe"))
+    assert result["C"] in [float(c) for c in result["sweep"]] or f"{result['C']:g}" in result["sweep"]
+    assert len(result["sweep"]) >= 9
+    arrays, meta = load_classifier(str(tmp_path / "probe.npz"))
+    s = Store.open(store)
+    _, x_train, y_train = s.features("train")
+    _, x_test, y_test = s.features("test")
+    expected = LogisticRegression(random_state=0, C=result["C"], max_iter=1000).fit(x_train, y_train)
+    predictions = arrays["classes"][np.argmax(x_test @ arrays["coef"].T + arrays["intercept"], axis=1)]
+    np.testing.assert_array_equal(predictions, expected.predict(x_test))
+    assert result["acc1"] == pytest.approx(float((predictions == y_test).mean()))
+    assert meta["classes"] == s.classes and meta["model"]["sha256"] == s.manifest["model"]["sha256"]
+
+
+def test_demo_job_runs_offline(tmp_path):
+    job = tmp_path / "demo.toml"
+    text = open(os.path.join(REPO, "jobs", "demo.toml")).read()
+    job.write_text(text.replace('"../data/', f'"{REPO}/data/').replace('"../stores/demo"', '"store"'))
+    result = featstore("run", str(job), "--json", env={"HOME": str(tmp_path)})
+    results = json.loads(result.stdout)
+    assert "RANDOM WEIGHTS" in result.stderr and "ViT-B-32.pt" in result.stderr
+    assert results["encode"]["train"]["rows"] == 64 and results["encode"]["test"]["rows"] == 32
+    assert results["query"]["n"] == 32 and 0 <= results["query"]["acc1"] <= 1
+    assert results["probe"]["n_test"] == 32 and results["probe"]["acc1"] > 0.5
