@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class ShardWriter:
         self.pending: list[concurrent.futures.Future] = []
         self.shards_written = 0
         self.encoded = 0
+        self.seen: set[str] = set()
 
     def rows(self, items: list[Item], embeddings: np.ndarray, shas: list[str]) -> pa.Table:
         dtype = np.float16 if self.store.manifest["dtype"] == "float16" else np.float32
@@ -177,8 +179,13 @@ class ShardWriter:
         for item, reason in failures:
             self.failures[item.id] = {"path": item.path, "reason": reason, "size": item.size,
                                       "mtime_ns": item.mtime_ns, "sha256": item.sha256}
+        fresh_items = [i for i, it in enumerate(items) if it.id not in self.seen]
+        if len(fresh_items) < len(items):  # a batch re-read after a worker died
+            items, shas = [items[i] for i in fresh_items], [shas[i] for i in fresh_items]
+            embeddings = embeddings[fresh_items]
         if not items:
             return
+        self.seen.update(it.id for it in items)
         table = self.rows(items, embeddings, shas)
         self.encoded += len(items)
         moved = pa.array([it.id in self.plan.old_shard for it in items])
@@ -256,10 +263,11 @@ class ShardWriter:
 
 
 # ---- runner -------------------------------------------------------------------------------------
-def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWriter, batch_size: int,
-                 workers: int, progress: bool) -> None:
-    from tqdm import tqdm
+class WorkerDied(Exception):
+    """A DataLoader worker process vanished (OOM kill, a crashing decoder)."""
 
+
+def _batches(model: ClipModel, source, items: list[Item], batch_size: int, workers: int):
     loader = DataLoader(
         ItemDataset(source, items, model.preprocess),
         batch_size=batch_size,
@@ -269,11 +277,52 @@ def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWrite
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,
     )
+    try:
+        batches = iter(loader)
+        if workers:
+            # torch's SIGCHLD handler raises "worker killed" wherever the main thread happens to be (even
+            # inside the writer); without it a dead worker is reported here, by the iterator, within seconds.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        yield from batches
+    except RuntimeError as e:
+        if "DataLoader worker" in str(e):
+            raise WorkerDied(str(e)) from None
+        raise
+
+
+def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWriter, batch_size: int,
+                 workers: int, progress: bool) -> None:
+    """Drive reader -> mapper -> writer. If a worker dies, the rest is read again by fresh workers; the
+    items right after a death are read one at a time, so a file that kills its decoder is found and
+    recorded as failed instead of killing every later attempt."""
+    from tqdm import tqdm
+
+    done = np.zeros(len(items), dtype=bool)
+    window = batch_size * max(1, workers) * 4  # what was in flight when a worker died
+    isolate_until = 0
     with tqdm(total=len(items), unit="img", desc="encode", disable=not progress, file=sys.stderr) as bar:
-        for pixels, indices, shas, failures in loader:
-            embeddings = model.encode_images(pixels).numpy() if pixels is not None else None
-            writer.add([items[i] for i in indices], embeddings, shas, [(items[i], why) for i, why in failures])
-            bar.update(len(indices) + len(failures))
+        while not done.all():
+            todo = np.flatnonzero(~done)
+            isolating = todo[0] < isolate_until
+            chunk = todo[todo < isolate_until] if isolating else todo
+            batch = [items[i] for i in chunk]
+            try:
+                for pixels, indices, shas, failures in _batches(model, source, batch, 1 if isolating else batch_size,
+                                                                  min(workers, 1) if isolating else workers):
+                    embeddings = model.encode_images(pixels).numpy() if pixels is not None else None
+                    writer.add([batch[i] for i in indices], embeddings, shas, [(batch[i], why) for i, why in failures])
+                    finished = chunk[[*indices, *(i for i, _ in failures)]]
+                    done[finished] = True
+                    bar.update(len(finished))
+            except WorkerDied as e:
+                if isolating:  # the first item not delivered is the one its worker died on
+                    culprit = chunk[~done[chunk]][0]
+                    writer.add([], None, [], [(items[culprit], f"decoder process died ({e})"[:300])])
+                    done[culprit] = True
+                    bar.update(1)
+                else:
+                    isolate_until = int(chunk[~done[chunk]][0]) + window
+                print(f"featstore: warning: {str(e).splitlines()[0]}; continuing with fresh workers", file=sys.stderr)
 
 
 def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, batch_size: int = 100,
@@ -290,6 +339,7 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
     if dtype is not None and dtype not in DTYPES:
         raise FeatstoreError(f"unknown --dtype {dtype!r}: use float16 or float32")
     store = Store(store_dir)
+    store.check_unlocked()  # fail at once, before loading a model, when another writer runs
     if store.exists and dtype is not None and dtype != store.manifest["dtype"]:
         raise FeatstoreError(f"store {store.root} holds {store.manifest['dtype']} embeddings, not {dtype}")
     src = open_source(source, split)

@@ -73,6 +73,7 @@ def build_labels(store_dir: str, templates: list[str] | None = None, templates_f
     import faiss
 
     store = Store.open(store_dir)
+    store.check_unlocked()
     chosen = resolve_templates(templates, templates_file)
     classes = store.classes
     if not classes:

@@ -6,7 +6,7 @@ Layout::
     DIR/images/split=NAME/part-*.parquet   one file per shard; every file there holds only live rows
     DIR/labels/classes.parquet             text embeddings per class (``featstore labels``)
     DIR/labels/index.faiss                 IndexFlatIP over the normalised class embeddings
-    DIR/.lock                              held (flock) by the one writer
+    DIR/.lock                              locked (lockf) by the one writer
 
 A shard becomes visible by an atomic rename of a fully written, fsynced file; rows are replaced or removed
 by atomically replacing the shard file under the same name, so a plain Parquet reader never sees a
@@ -188,18 +188,36 @@ class Store:
         return splits[split]
 
     # ---- locking --------------------------------------------------------------------------------
+    def check_unlocked(self) -> None:
+        """Raise StoreLocked now if a writer holds the store (creates nothing)."""
+        path = os.path.join(self.root, ".lock")
+        if not os.path.isfile(path):
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise self._locked(fd) from None
+        finally:
+            os.close(fd)
+
+    def _locked(self, fd: int) -> StoreLocked:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        return StoreLocked(f"store {self.root} is in use by {holder}; try again when it finishes")
+
     @contextlib.contextmanager
     def lock(self, command: str) -> Iterator[None]:
-        """Exclusive writer lock. flock dies with its process, so a lock left by kill -9 is simply free."""
+        """Exclusive writer lock: a POSIX record lock, which dies with its process (so a lock left by
+        kill -9 is simply free) and, unlike flock, is not inherited by forked DataLoader workers that
+        may outlive a killed writer for a few seconds."""
         os.makedirs(self.root, exist_ok=True)
         path = os.path.join(self.root, ".lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                raise StoreLocked(f"store {self.root} is in use by {holder}; try again when it finishes") from None
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise self._locked(fd) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})\n".encode(), 0)
             if os.path.isfile(self.manifest_path):  # another writer may have committed since we looked
