@@ -57,7 +57,7 @@ def encode(
     store: str = typer.Option(..., "--store", help="Store directory (created if missing)"),
     split: str = typer.Option(..., "--split", help="Split name, e.g. train"),
     model: str = typer.Option("ViT-B/32", "--model", help="openai name, checkpoint path, or random:ARCH[:SEED]"),
-    batch_size: int = typer.Option(100, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default 16 on CPU, 256 on CUDA)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes (default: by device)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 (default fp16 on CUDA, fp32 on CPU)"),

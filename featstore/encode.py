@@ -133,6 +133,11 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the model for every core
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Small batches are faster on CPU (ViT-B/32 here: ~20 img/s at 16 vs ~16 img/s at 100); GPUs want big ones."""
+    return 256 if device.type == "cuda" else 16
+
+
 def default_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
     return min(8, cores) if device.type == "cuda" else max(1, min(4, cores // 2))
@@ -325,12 +330,12 @@ def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWrite
                 print(f"featstore: warning: {str(e).splitlines()[0]}; continuing with fresh workers", file=sys.stderr)
 
 
-def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, batch_size: int = 100,
+def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, batch_size: int | None = None,
            workers: int | None = None, device: str = "auto", precision: str | None = None,
            dtype: str | None = None, shard_rows: int = DEFAULT_SHARD_ROWS, progress: bool = True) -> dict[str, Any]:
     """Make split SPLIT of the store at STORE_DIR hold exactly the embeddings of SOURCE's images."""
     check_split_name(split)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise FeatstoreError("--batch-size must be at least 1")
     if shard_rows < 1:
         raise FeatstoreError("--shard-rows must be at least 1")
@@ -360,6 +365,7 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         plan = make_plan(store, split, items, src, label_ids)
         writer = ShardWriter(store, split, plan, label_ids, shard_rows)
         workers = default_workers(clip_model.device) if workers is None else workers
+        batch_size = batch_size or default_batch_size(clip_model.device)
         run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
         writer.close()
     seconds = time.perf_counter() - started
