@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featstore.errors import FeatstoreError
-from featstore.models import DEFAULT_MODEL, ClipModel, describe, load_model, same_model
+from featstore.identity import describe, same_model
+from featstore.models import DEFAULT_MODEL, ClipModel, load_model
 from featstore.sources import Item, open_source
 from featstore.store import DTYPES, Store, check_split_name, shard_schema
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from featstore.errors import FeatstoreError
 from featstore.models import load_recorded_model
-from featstore.store import Store, atomic_write, embedding_matrix, sha256_file
+from featstore.store import Store, atomic_write, sha256_file
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -123,7 +123,3 @@ def load_label_index(store: Store):
         raise FeatstoreError(f"cannot read label index {path}: run featstore labels {store.root} again") from None
     return index, labels["display_names"]
 
-
-def read_class_embeddings(store: Store) -> np.ndarray:
-    table = pq.read_table(os.path.join(store.root, LABELS_FILE))
-    return embedding_matrix(table.column("embedding"), store.dim)

@@ -6,7 +6,6 @@ Every model is built through ``clip.model.build_model`` so that weights are roun
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 import zipfile
@@ -22,7 +21,8 @@ with warnings.catch_warnings():  # clip imports pkg_resources, which warns on im
     from clip.model import CLIP, build_model
 
 from featstore.errors import FeatstoreError, ModelUnavailable
-from featstore.identity import describe, same_model, weights_key  # noqa: F401 - re-exported for callers
+from featstore.store import sha256_file
+from featstore.identity import weights_key
 
 DEFAULT_MODEL = "ViT-B/32"
 CLIP_CACHE = os.path.expanduser("~/.cache/clip")
@@ -95,14 +95,6 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise FeatstoreError("--precision fp16 needs a CUDA device; on CPU use fp32 or bf16")
     return precision
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_jit_archive(path: str) -> bool:
@@ -187,7 +179,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str |
         path, sha = _openai_checkpoint(spec)
         state_dict = _state_dict_from_file(path)
     elif os.path.isfile(spec):
-        sha = _sha256_file(spec)
+        sha = sha256_file(spec)
         state_dict = _state_dict_from_file(spec)
         spec = os.path.abspath(spec)
     else:

@@ -42,7 +42,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         top = float(array.max()) or 1.0
         image = Image.fromarray((array * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
-    elif image.mode in ("P", "PA", "LA", "RGBA") and image.mode != "RGB":
+    elif image.mode in ("P", "PA", "LA"):  # via RGBA, so palette transparency converts without a warning
         image = image.convert("RGBA")
     return image.convert("RGB")
 

@@ -98,3 +98,22 @@ def write_cifar100(root, n_train: int = 30, n_test: int = 12, seed: int = 0) -> 
     with open(os.path.join(folder, "meta"), "wb") as f:
         pickle.dump({b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": [b"all"]}, f)
     return names
+
+
+SLOW_MODEL = "random:ViT-B/32:3"  # ~16 img/s here: slow enough to kill mid-run
+
+
+@pytest.fixture(scope="session")
+def slow_source(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("slow")
+    write_folder(root, per_class=8, seed=7, classes=["circle", "square", "triangle"])
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, slow_source) -> str:
+    """slow_source encoded by one run that nobody killed: what every interrupted run must end up equal to."""
+    store = str(tmp_path_factory.mktemp("ref") / "store")
+    featstore("encode", slow_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
+              "--batch-size", "4", "--shard-rows", "8", "--quiet")
+    return store

@@ -13,13 +13,12 @@ import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from conftest import draw_image, featstore, write_folder
-from test_store import SLOW_MODEL, assert_same_store, committed_shards, kill_when, start_encode, store_rows
+from conftest import SLOW_MODEL
+from test_store import assert_same_store, committed_shards, kill_when, start_encode, store_rows
 
-from featstore.encode import encode
 from featstore.models import load_model
 
 
@@ -122,13 +121,6 @@ def test_incremental_runs(tmp_path):
     assert empty["rows"] == 0 and not os.listdir(os.path.join(store, "images", "split=train"))
 
 
-@pytest.fixture(scope="module")
-def slow_source(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("slow")
-    write_folder(root, per_class=8, seed=7, classes=["circle", "square", "triangle"])
-    return str(root)
-
-
 def test_sigkill_twice_then_resume(tmp_path, slow_source, uninterrupted):
     store = str(tmp_path / "store")
     kill_when(start_encode(slow_source, store), lambda: committed_shards(store, "train") >= 1)
@@ -138,14 +130,6 @@ def test_sigkill_twice_then_resume(tmp_path, slow_source, uninterrupted):
     featstore("encode", slow_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
               "--batch-size", "4", "--shard-rows", "8", "--quiet")
     assert_same_store(store, uninterrupted)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, slow_source) -> str:
-    store = str(tmp_path_factory.mktemp("ref") / "store")
-    featstore("encode", slow_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
-              "--batch-size", "4", "--shard-rows", "8", "--quiet")
-    return store
 
 
 def test_one_writer_at_a_time(tmp_path, slow_source):

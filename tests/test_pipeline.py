@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import warnings
 
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, SMALL_CLIP, draw_image, featstore, write_cifar100
+from conftest import REPO, draw_image, featstore, write_cifar100
 
 from featstore.encode import encode
 from featstore.labels import build_labels, resolve_templates
@@ -26,7 +25,7 @@ with warnings.catch_warnings():
     import clip
     import torch
     from clip.clip import _transform
-    from clip.model import CLIP, build_model
+    from clip.model import build_model
 
 
 def test_cifar_archive_source(tmp_path):

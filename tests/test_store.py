@@ -13,11 +13,8 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
-import pytest
 
-from conftest import REPO, featstore, write_folder
-
-SLOW_MODEL = "random:ViT-B/32:3"  # ~16 img/s here: slow enough to kill mid-run
+from conftest import REPO, SLOW_MODEL, featstore
 
 
 def store_rows(store: str, split: str) -> dict[str, np.ndarray]:
@@ -53,21 +50,6 @@ def kill_when(process: subprocess.Popen, condition, timeout: float = 300) -> Non
     process.wait()
 
 
-@pytest.fixture(scope="module")
-def kill_source(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("kill")
-    write_folder(root, per_class=8, seed=7, classes=["circle", "square", "triangle"])
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, kill_source) -> str:
-    store = str(tmp_path_factory.mktemp("ref") / "store")
-    featstore("encode", kill_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
-              "--batch-size", "4", "--shard-rows", "8", "--quiet")
-    return store
-
-
 def assert_same_store(store: str, reference: str) -> None:
     mine, ref = store_rows(store, "train"), store_rows(reference, "train")
     assert sorted(mine) == sorted(ref)
@@ -78,15 +60,15 @@ def assert_same_store(store: str, reference: str) -> None:
     assert featstore("verify", store).returncode == 0
 
 
-def test_sigkill_after_first_shards_then_resume(tmp_path, kill_source, uninterrupted):
+def test_sigkill_after_first_shards_then_resume(tmp_path, slow_source, uninterrupted):
     store = str(tmp_path / "store")
-    kill_when(start_encode(kill_source, store), lambda: committed_shards(store, "train") >= 1)
+    kill_when(start_encode(slow_source, store), lambda: committed_shards(store, "train") >= 1)
     killed_at = committed_shards(store, "train")
     assert 1 <= killed_at < 3
     # the killed store is readable as it stands: committed rows only, no duplicates
     partial = store_rows(store, "train")
     assert 0 < len(partial) < 24
-    result = json.loads(featstore("encode", kill_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
+    result = json.loads(featstore("encode", slow_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
                                   "--batch-size", "4", "--shard-rows", "8", "--quiet", "--json").stdout)
     assert result["unchanged"] == len(partial)
     assert result["encoded"] == 24 - len(partial)
