@@ -161,7 +161,6 @@ class ShardWriter:
         self.pending: list[concurrent.futures.Future] = []
         self.shards_written = 0
         self.encoded = 0
-        self.seen: set[str] = set()
 
     def rows(self, items: list[Item], embeddings: np.ndarray, shas: list[str]) -> pa.Table:
         dtype = np.float16 if self.store.manifest["dtype"] == "float16" else np.float32
@@ -185,13 +184,8 @@ class ShardWriter:
         for item, reason in failures:
             self.failures[item.id] = {"path": item.path, "reason": reason, "size": item.size,
                                       "mtime_ns": item.mtime_ns, "sha256": item.sha256}
-        fresh_items = [i for i, it in enumerate(items) if it.id not in self.seen]
-        if len(fresh_items) < len(items):  # a batch re-read after a worker died
-            items, shas = [items[i] for i in fresh_items], [shas[i] for i in fresh_items]
-            embeddings = embeddings[fresh_items]
         if not items:
             return
-        self.seen.update(it.id for it in items)
         table = self.rows(items, embeddings, shas)
         self.encoded += len(items)
         moved = pa.array([it.id in self.plan.old_shard for it in items])
