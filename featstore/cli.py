@@ -147,17 +147,21 @@ def probe(
     C: Optional[float] = typer.Option(None, "--C", help="Inverse regularisation; omitted: chosen by a validation sweep"),
     max_iter: int = typer.Option(1000, "--max-iter"),
     out: Optional[str] = typer.Option(None, "--out", help="Save the classifier (PATH.npz + PATH.json)"),
+    solver: str = typer.Option("torch", "--solver", help="torch (L-BFGS, float32, GPU if any) or sklearn (the seed's call)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (torch solver)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Train a logistic-regression linear probe on stored embeddings and report test accuracy."""
     from featstore.probe import probe as run_probe
 
-    result = run_probe(store, train_split, test_split, C, max_iter, out)
+    result = run_probe(store, train_split, test_split, C, max_iter, out, solver, device)
     if as_json:
-        _print_json({k: result[k] for k in ("acc1", "C", "n_train", "n_test")})
+        _print_json(result)
     else:
-        typer.echo(f"linear probe: acc1 {_percent(result['acc1'])} with C={result['C']:g} "
-                   f"(train {result['n_train']}, test {result['n_test']})")
+        swept = f", chosen from {len(result['sweep'])} by validation" if "sweep" in result else ""
+        typer.echo(f"linear probe: acc1 {_percent(result['acc1'])} with C={result['C']:g}{swept} "
+                   f"(train {result['n_train']}, test {result['n_test']}; {result['solver']} solver, "
+                   f"{result['iterations']} iterations)")
 
 
 @app.command()

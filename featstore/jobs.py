@@ -21,6 +21,7 @@ Paths in a job are relative to the job file. Example::
     train_split = "train"
     test_split = "test"
     C = 0.316                           # omit to sweep C on a validation split
+    solver = "torch"                    # or "sklearn": the seed's LogisticRegression call itself
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def run_job(path: str, echo: Callable[[str], None] = print) -> dict[str, Any]:
              f"mean per-class recall {q['mean_per_class_recall']:.3f} over {q['n']} images")
     if "probe" in job["steps"] and "probe" in job:
         spec = job["probe"]
-        results["probe"] = probe(store, spec["train_split"], spec["test_split"], spec.get("C"), spec.get("max_iter", 1000))
+        results["probe"] = probe(store, spec["train_split"], spec["test_split"], spec.get("C"), spec.get("max_iter", 1000),
+                                  solver=spec.get("solver", "torch"), device=job.get("device", "auto"))
         p = results["probe"]
         echo(f"probe: acc1 {p['acc1']:.3f} with C={p['C']:g} (train {p['n_train']}, test {p['n_test']})")
     return results

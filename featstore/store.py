@@ -324,20 +324,58 @@ class Store:
         self.save()
         return notes
 
-    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
-        """All rows of a split, in id order (so results do not depend on shard layout)."""
+    def read_split(self, split: str, columns: list[str] | None = None, locate: bool = False) -> pa.Table:
+        """All rows of a split, in id order (so results do not depend on shard layout).
+
+        With LOCATE, two more columns say where each row lives (``shard``, ``row``), for ``fill_embeddings``.
+        """
         paths = self.shard_paths(split)
         schema = shard_schema(self.dim, self.manifest["dtype"], {})
         if not paths:
             table = schema.empty_table()
             return table.select(columns) if columns else table
         cols = columns if columns is None or "id" in columns else ["id", *columns]
+        tables = []
         try:
-            table = pa.concat_tables([pq.read_table(p, columns=cols) for p in paths])
+            for number, path in enumerate(paths):
+                table = pq.read_table(path, columns=cols)
+                if locate:
+                    table = table.append_column("shard", pa.array(np.full(table.num_rows, number, np.int32)))
+                    table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+                tables.append(table)
         except (OSError, pa.ArrowException) as e:
             raise FeatstoreError(f"cannot read split {split!r}: {e} (run featstore verify)") from None
+        table = pa.concat_tables(tables)
         table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+        if locate:
+            return table.select([*(columns or schema.names), "shard", "row"])
         return table.select(columns) if columns else table
+
+    def fill_embeddings(self, split: str, shard: np.ndarray, row: np.ndarray, out: np.ndarray) -> None:
+        """``out[i] = `` the embedding at (``shard[i]``, ``row[i]``) as located by ``read_split(locate=True)``.
+
+        Streams one record batch at a time, so peak memory is OUT plus one batch; ``features`` would hold
+        the split twice (Arrow table and matrix).
+        """
+        paths = self.shard_paths(split)
+        by_shard = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[by_shard], np.arange(len(paths) + 1))
+        for number, path in enumerate(paths):
+            dest = by_shard[bounds[number]:bounds[number + 1]]
+            dest = dest[np.argsort(row[dest], kind="stable")]
+            src = row[dest]
+            start = 0
+            try:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=["embedding"]):
+                    stop = start + batch.num_rows
+                    lo, hi = np.searchsorted(src, [start, stop])
+                    out[dest[lo:hi]] = embedding_matrix(batch.column(0), self.dim)[src[lo:hi] - start]
+                    start = stop
+            except (OSError, pa.ArrowException) as e:
+                raise FeatstoreError(f"cannot read split {split!r}: {e} (run featstore verify)") from None
+            if len(src) and src[-1] >= start:
+                raise FeatstoreError(f"split {split!r} changed while it was read: run the command again")
+            pa.default_memory_pool().release_unused()  # else the allocator keeps every shard's pages
 
     def features(self, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(ids, float32 embeddings, int labels with -1 for unlabelled) of a split."""

@@ -75,8 +75,9 @@ def test_featstore_equals_seed_reference(tmp_path, checkpoint, dataset, workers)
     featstore("labels", store, "--template", "a photo of a {}")
     out = str(tmp_path / "top5.parquet")
     zero_shot = json.loads(featstore("query", store, "--split", "test", "--top-k", "5", "--out", out, "--json").stdout)
-    probe = json.loads(featstore("probe", store, "--train-split", "train", "--test-split", "test",
-                                 "--C", "0.316", "--json").stdout)
+    probes = {solver: json.loads(featstore("probe", store, "--train-split", "train", "--test-split", "test",
+                                           "--C", "0.316", "--solver", solver, "--json").stdout)
+              for solver in ("torch", "sklearn")}
 
     # embeddings: raw encode_image outputs, matched by id
     for split in ("train", "test"):
@@ -101,8 +102,9 @@ def test_featstore_equals_seed_reference(tmp_path, checkpoint, dataset, workers)
     assert zero_shot["acc5"] == pytest.approx(ref_acc5)
     assert 0.0 <= zero_shot["mean_per_class_recall"] <= 1.0
 
-    # linear probe: the seed's classifier on the stored shards, same accuracy
-    assert probe["C"] == 0.316
-    assert (probe["n_train"], probe["n_test"]) == (len(ref["train_ids"]), len(ref["test_ids"]))
-    assert probe["acc1"] == pytest.approx(ref["probe_acc"])
+    # linear probe on the stored shards, both solvers (torch L-BFGS and the seed's sklearn call): same accuracy
+    for probe in probes.values():
+        assert probe["C"] == 0.316
+        assert (probe["n_train"], probe["n_test"]) == (len(ref["train_ids"]), len(ref["test_ids"]))
+        assert probe["acc1"] == pytest.approx(ref["probe_acc"])
     assert ref["probe_acc"] > 1 / 6  # the probe learns something: the comparison is not between two chance levels

@@ -146,7 +146,7 @@ def test_probe_sweep_and_saved_classifier(tmp_path, dataset, checkpoint):
         encode(os.path.join(dataset, split), store, split, model=checkpoint, dtype="float32", progress=False)
     result = probe(store, "train", "test", out=str(tmp_path / "probe"))
     assert result["C"] in [float(c) for c in result["sweep"]] or f"{result['C']:g}" in result["sweep"]
-    assert len(result["sweep"]) >= 9
+    assert len(result["sweep"]) >= 5 and result["solver"] == "torch"
     arrays, meta = load_classifier(str(tmp_path / "probe.npz"))
     s = Store.open(store)
     _, x_train, y_train = s.features("train")
