@@ -23,7 +23,7 @@ from featstore.errors import FeatstoreError
 from featstore.store import Store, atomic_write
 
 SOLVERS = ("torch", "sklearn")
-TOLERANCE = 1e-4  # sklearn's default: stop when no gradient entry exceeds it
+TOLERANCE = 1e-4  # sklearn's default: stop when no gradient entry (here: preconditioned) exceeds it
 VALIDATION_FRACTION = 0.2
 COARSE_GRID = [10.0 ** e for e in range(-6, 7, 2)]
 ROWS_PER_CHUNK = 1024  # a chunk of features and its logits stay in cache between the two matmuls;
