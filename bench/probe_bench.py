@@ -27,6 +27,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from featstore.probe import accuracy, fit, sweep_C, validation_split  # noqa: E402
+from featstore.store import Store  # noqa: E402
 
 
 def clip_like_features(n: int, dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,28 +52,20 @@ def timed(function, *args, **kwargs):
 
 
 def write_store(root: str, x_train, y_train, x_test, y_test) -> None:
-    import pyarrow as pa
-
-    from featstore.store import Store, shard_schema
+    """A store holding these features, written by encode's own shard writer (10,000-row shards)."""
+    from featstore.encode import Plan, ShardWriter
+    from featstore.sources import Item
 
     store = Store(root)
-    model = {"name": "bench", "dim": x_train.shape[1]}
-    store.create(model, "float32")
-    store.class_ids([f"class {i}" for i in range(int(y_train.max()) + 1)])
+    store.create({"name": "bench", "dim": x_train.shape[1]}, "float32")
+    label_ids = store.class_ids([f"class {i}" for i in range(int(y_train.max()) + 1)])
     with store.lock("bench"):
         for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
             store.split_info(split, create=True)
-            for start in range(0, len(x), 10_000):
-                rows = range(start, min(start + 10_000, len(x)))
-                table = pa.table({
-                    "id": [f"{split}/{i:07d}" for i in rows], "path": [None] * len(rows),
-                    "label": pa.array(y[start:rows.stop], pa.int32()),
-                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[start:rows.stop].ravel()), x.shape[1]),
-                    "size": [0] * len(rows), "mtime_ns": [0] * len(rows), "sha256": [None] * len(rows),
-                    "encoded_at": pa.array([0] * len(rows), pa.timestamp("ms", tz="UTC")),
-                }, schema=shard_schema(x.shape[1], "float32", model))
-                store.write_shard(split, table)
-        store.save()
+            writer = ShardWriter(store, split, Plan(), label_ids, shard_rows=10_000)
+            items = [Item(f"{split}/{i:07d}", "", f"class {label}", 0, 0) for i, label in enumerate(y)]
+            writer.add(items, x, [""] * len(items), [])
+            writer.close()
 
 
 def peak_rss_mib(command: list[str]) -> float:
