@@ -101,6 +101,15 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray
     return values.astype(np.float32, copy=False).reshape(-1, dim)
 
 
+@contextlib.contextmanager
+def _reading(split: str) -> Iterator[None]:
+    """A shard that cannot be read (damaged, vanished) becomes one clear error naming the remedy."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as e:
+        raise FeatstoreError(f"cannot read split {split!r}: {e} (run featstore verify)") from None
+
+
 class Store:
     """A featstore directory. Reads need no lock; every writer holds ``lock()``."""
 
@@ -336,15 +345,13 @@ class Store:
             return table.select(columns) if columns else table
         cols = columns if columns is None or "id" in columns else ["id", *columns]
         tables = []
-        try:
+        with _reading(split):
             for number, path in enumerate(paths):
                 table = pq.read_table(path, columns=cols)
                 if locate:
                     table = table.append_column("shard", pa.array(np.full(table.num_rows, number, np.int32)))
                     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
                 tables.append(table)
-        except (OSError, pa.ArrowException) as e:
-            raise FeatstoreError(f"cannot read split {split!r}: {e} (run featstore verify)") from None
         table = pa.concat_tables(tables)
         table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
         if locate:
@@ -365,14 +372,12 @@ class Store:
             dest = dest[np.argsort(row[dest], kind="stable")]
             src = row[dest]
             start = 0
-            try:
+            with _reading(split):
                 for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=["embedding"]):
                     stop = start + batch.num_rows
                     lo, hi = np.searchsorted(src, [start, stop])
                     out[dest[lo:hi]] = embedding_matrix(batch.column(0), self.dim)[src[lo:hi] - start]
                     start = stop
-            except (OSError, pa.ArrowException) as e:
-                raise FeatstoreError(f"cannot read split {split!r}: {e} (run featstore verify)") from None
             if len(src) and src[-1] >= start:
                 raise FeatstoreError(f"split {split!r} changed while it was read: run the command again")
             pa.default_memory_pool().release_unused()  # else the allocator keeps every shard's pages
