@@ -243,6 +243,8 @@ def test_bad_command_lines(tmp_path, dataset, checkpoint):
         (["encode", train, "--store", store, "--split", "train", "--model", "random:tiny", "--dtype", "float32"], "holds float16"),
         (["labels", store, "--template", "no placeholder"], "must contain"),
         (["probe", store, "--train-split", "train", "--test-split", "train", "--C", "-1"], "--C must be positive"),
+        (["probe", store, "--train-split", "train", "--test-split", "train", "--solver", "lbfgs"], "unknown --solver"),
+        (["probe", store, "--train-split", "train", "--test-split", "train", "--device", "tpu"], "unknown --device"),
     ]
     for args, message in store_cases:
         result = featstore(*args, check=False)
