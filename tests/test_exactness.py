@@ -108,3 +108,19 @@ def test_featstore_equals_seed_reference(tmp_path, checkpoint, dataset, workers)
         assert (probe["n_train"], probe["n_test"]) == (len(ref["train_ids"]), len(ref["test_ids"]))
         assert probe["acc1"] == pytest.approx(ref["probe_acc"])
     assert ref["probe_acc"] > 1 / 6  # the probe learns something: the comparison is not between two chance levels
+
+
+def test_bf16_stays_close_to_seed_reference(tmp_path, checkpoint, dataset):
+    """--precision bf16 (CPU autocast) is not bit-exact, but its embeddings keep cosine >= 0.99 to the seed's
+    fp32 features, the precision goal's bound, and are not fp32 in disguise."""
+    ref = seed_reference(checkpoint, dataset)
+    store = str(tmp_path / "store")
+    featstore("encode", os.path.join(dataset, "test"), "--store", store, "--split", "test", "--model", checkpoint,
+              "--precision", "bf16", "--dtype", "float32", "--workers", "0", "--quiet")
+    table = pq.read_table(os.path.join(store, "images", "split=test"))
+    stored = dict(zip(table.column("id").to_pylist(), np.array(table.column("embedding").to_pylist(), np.float32)))
+    mine = np.stack([stored[i] for i in ref["test_ids"]])
+    assert cosine_rows(mine, ref["test_features"]).min() >= 0.99
+    assert not np.allclose(mine, ref["test_features"], rtol=1e-6, atol=0)
+    with open(os.path.join(store, "featstore.json")) as f:
+        assert json.load(f)["model"]["precision"] == "bf16"  # part of the model identity the store records

@@ -96,3 +96,32 @@ def test_duckdb_and_polars_read_the_shards(tmp_path, dataset):
     assert info["splits"]["train"] == {"rows": 60, "failed": 0, "shards": 3, "source": os.path.join(dataset, "train")}
     assert info["splits"]["test"]["rows"] == 30
     assert info["label_index"] is False
+
+
+def test_fill_embeddings_places_every_located_row(tmp_path, monkeypatch):
+    """The probe's streaming reader: rows spread over several shards and record batches, asked for in any
+    order (the sweep asks validation-last), land in the right rows of the matrix, in float32, from float16."""
+    import featstore.store as store_module
+    from featstore.encode import Plan, ShardWriter
+    from featstore.sources import Item
+    from featstore.store import Store
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(23, 8)).astype(np.float16)
+    store = Store(str(tmp_path / "store"))
+    store.create({"name": "test", "dim": 8}, "float16")
+    with store.lock("test"):
+        store.split_info("train", create=True)
+        writer = ShardWriter(store, "train", Plan(), {}, shard_rows=10)  # shards of 10, 10 and 3 rows
+        writer.add([Item(f"{i:03d}", "", None, 0, 0) for i in range(23)], embeddings, [""] * 23, [])
+        writer.close()
+    monkeypatch.setattr(store_module, "READ_ROWS", 4)  # several record batches per shard, one of them partial
+    located = store.read_split("train", ["id"], locate=True)
+    order = rng.permutation(located.num_rows)[:17]  # a shuffled subset, as a validation-last order would be
+    out = np.full((len(order), 8), np.nan, dtype=np.float32)
+    store.fill_embeddings("train", located.column("shard").to_numpy()[order], located.column("row").to_numpy()[order], out)
+    wanted = [int(row_id) for row_id in np.array(located.column("id").to_pylist())[order]]
+    np.testing.assert_array_equal(out, embeddings[wanted].astype(np.float32))
+    everything = np.empty((located.num_rows, 8), dtype=np.float32)
+    store.fill_embeddings("train", located.column("shard").to_numpy(), located.column("row").to_numpy(), everything)
+    np.testing.assert_array_equal(everything, embeddings[[int(i) for i in located.column("id").to_pylist()]].astype(np.float32))
