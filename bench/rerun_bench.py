@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/rerun_bench.py [N]       (default 100000)
 
-Prints the first (full) encode time and the rerun time, and checks that the rerun rewrote no shard.
+Prints the first (full) encode time and the rerun time, and checks that the rerun rewrote no shard; then the
+peak RSS of a first `featstore encode` (its own process) over N/10 and over N of the files, to show how much of
+encode's memory grows with the dataset (the listing and the plan hold one entry per file).
 """
 
 import hashlib
@@ -15,6 +17,18 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from featstore.encode import encode  # noqa: E402
+from probe_bench import peak_rss_mib  # noqa: E402
+
+
+def encode_peak_rss(src: str, n: int, root: str) -> float:
+    """Peak RSS (MiB) of a first encode of the first N classes-interleaved files of SRC, via a manifest."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs)[:n]
+    manifest = os.path.join(root, f"manifest-{n}.csv")
+    with open(manifest, "w") as f:
+        f.write("path,label\n" + "".join(f"{path},{os.path.basename(os.path.dirname(path))}\n" for path in files))
+    return peak_rss_mib([sys.executable, "-m", "featstore", "encode", f"manifest:{manifest}", "--store",
+                         os.path.join(root, f"store-{n}"), "--split", "train", "--model", "random:tiny",
+                         "--batch-size", "256", "--workers", "2", "--quiet"])
 
 
 def main() -> None:
@@ -38,6 +52,9 @@ def main() -> None:
     assert digest() == before and again["encoded"] == 0 and again["shards_written"] == 0
     print(f"files {n}: first encode {t1 - t0:.1f}s ({first['img_per_s']} img/s), "
           f"unchanged rerun {t3 - t2:.2f}s (encoded {again['encoded']}, shards rewritten 0)")
+    small, large = encode_peak_rss(src, n // 10, root), encode_peak_rss(src, n, root)
+    print(f"peak RSS of a first encode: {small:.0f} MiB for {n // 10} files, {large:.0f} MiB for {n}: "
+          f"{(large - small) * 1024 / (n - n // 10):.2f} KiB more per file")
 
 
 if __name__ == "__main__":

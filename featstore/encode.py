@@ -290,6 +290,25 @@ def _batches(model: ClipModel, source, items: list[Item], batch_size: int, worke
         raise
 
 
+def _heap_trimmer():
+    """glibc's malloc_trim, or a no-op where there is none.
+
+    glibc raises its mmap threshold to the size of the first large block freed, so every later batch's
+    tensors come from the heap, and freed heap pages between live small blocks stay resident: without a trim
+    encode's RSS grew with the number of batches (measured ~3-5 KiB per image) instead of staying bounded."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+TRIM_EVERY = 64  # batches between heap trims (a trim takes a few ms)
+
+
 def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWriter, batch_size: int,
                  workers: int, progress: bool) -> None:
     """Drive reader -> mapper -> writer. If a worker dies, the rest is read again by fresh workers; the
@@ -298,6 +317,7 @@ def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWrite
     from tqdm import tqdm
 
     done = np.zeros(len(items), dtype=bool)
+    trim_heap, batches = _heap_trimmer(), 0
     window = batch_size * max(1, workers) * 4  # what was in flight when a worker died
     isolate_until = 0
     with tqdm(total=len(items), unit="img", desc="encode", disable=not progress, file=sys.stderr) as bar:
@@ -314,6 +334,9 @@ def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWrite
                     finished = chunk[[*indices, *(i for i, _ in failures)]]
                     done[finished] = True
                     bar.update(len(finished))
+                    batches += 1
+                    if batches % TRIM_EVERY == 0:
+                        trim_heap()
             except WorkerDied as e:
                 if isolating:  # the first item not delivered is the one its worker died on
                     culprit = chunk[~done[chunk]][0]
