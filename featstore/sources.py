@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,10 +24,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 Image.MAX_IMAGE_PIXELS = 178_956_970  # PIL's default bomb guard, stated so it cannot be switched off silently
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One image of a source. ``size``/``mtime_ns`` are the cheap change fingerprint; ``sha256`` is
-    known at scan time only for in-memory sources (archives), else computed when the file is read."""
+    known at scan time only for in-memory sources (archives), else computed when the file is read.
+    Slots: a run holds one Item per file of the source, so their size is most of encode's per-file memory."""
 
     id: str
     path: str
@@ -79,7 +81,7 @@ class FolderSource:
         items = []
         for entry in self._walk(self.root):
             rel = os.path.relpath(entry.path, self.root).replace(os.sep, "/")
-            label = rel.split("/", 1)[0] if "/" in rel else None
+            label = sys.intern(rel.split("/", 1)[0]) if "/" in rel else None
             st = entry.stat()
             items.append(Item(rel, rel, label, st.st_size, st.st_mtime_ns))
         return items
@@ -121,7 +123,7 @@ class ManifestSource(FolderSource):
         if "path" not in columns:
             raise FeatstoreError(f"manifest {self.manifest} has no 'path' column")
         labels = columns.get("label") or [None] * len(columns["path"])
-        return [(str(p), (str(lab) if lab not in (None, "") else None)) for p, lab in zip(columns["path"], labels)]
+        return [(str(p), (sys.intern(str(lab)) if lab not in (None, "") else None)) for p, lab in zip(columns["path"], labels)]
 
     def classes(self) -> list[str]:
         return sorted({label for _, label in self.rows if label is not None})
