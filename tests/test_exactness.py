@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import featstore
+from test_store import store_rows
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -81,8 +82,7 @@ def test_featstore_equals_seed_reference(tmp_path, checkpoint, dataset, workers)
 
     # embeddings: raw encode_image outputs, matched by id
     for split in ("train", "test"):
-        table = pq.read_table(os.path.join(store, "images", f"split={split}"))
-        stored = dict(zip(table.column("id").to_pylist(), np.array(table.column("embedding").to_pylist(), np.float32)))
+        stored = store_rows(store, split)  # asserts no duplicate ids
         assert sorted(stored) == sorted(ref[f"{split}_ids"])
         mine = np.stack([stored[i] for i in ref[f"{split}_ids"]])
         assert cosine_rows(mine, ref[f"{split}_features"]).min() >= 0.9999
@@ -117,8 +117,7 @@ def test_bf16_stays_close_to_seed_reference(tmp_path, checkpoint, dataset):
     store = str(tmp_path / "store")
     featstore("encode", os.path.join(dataset, "test"), "--store", store, "--split", "test", "--model", checkpoint,
               "--precision", "bf16", "--dtype", "float32", "--workers", "0", "--quiet")
-    table = pq.read_table(os.path.join(store, "images", "split=test"))
-    stored = dict(zip(table.column("id").to_pylist(), np.array(table.column("embedding").to_pylist(), np.float32)))
+    stored = store_rows(store, "test")
     mine = np.stack([stored[i] for i in ref["test_ids"]])
     assert cosine_rows(mine, ref["test_features"]).min() >= 0.99
     assert not np.allclose(mine, ref["test_features"], rtol=1e-6, atol=0)
