@@ -20,11 +20,10 @@ from featstore.encode import encode  # noqa: E402
 from probe_bench import peak_rss_mib  # noqa: E402
 
 
-def encode_peak_rss(src: str, n: int, root: str) -> float:
-    """Peak RSS (MiB) of a first encode of the first N files of SRC, via a manifest; shards of 5,000 rows, so
-    the shard being filled weighs the same at both sizes and the difference is what grows per file."""
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs)[:n]
-    manifest = os.path.join(root, f"manifest-{n}.csv")
+def encode_peak_rss(files: list[str], root: str) -> float:
+    """Peak RSS (MiB) of a first encode of FILES, via a manifest; shards of 5,000 rows, so the shard being
+    filled weighs the same at every size and a difference between sizes is what grows per file."""
+    manifest = os.path.join(root, f"manifest-{len(files)}.csv")
     with open(manifest, "w") as f:
         f.write("path,label\n" + "".join(f"{path},{os.path.basename(os.path.dirname(path))}\n" for path in files))
     return peak_rss_mib([sys.executable, "-m", "featstore", "encode", f"manifest:{manifest}", "--store",
@@ -53,9 +52,10 @@ def main() -> None:
     assert digest() == before and again["encoded"] == 0 and again["shards_written"] == 0
     print(f"files {n}: first encode {t1 - t0:.1f}s ({first['img_per_s']} img/s), "
           f"unchanged rerun {t3 - t2:.2f}s (encoded {again['encoded']}, shards rewritten 0)")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs)
     per_file = []  # the peaks vary by tens of MiB from run to run: alternate sizes, report the median
     for _ in range(3):
-        small, large = encode_peak_rss(src, n // 10, root), encode_peak_rss(src, n, root)
+        small, large = encode_peak_rss(files[:n // 10], root), encode_peak_rss(files, root)
         per_file.append((large - small) * 1024 / (n - n // 10))
     print(f"peak RSS of a first encode: {small:.0f} MiB for {n // 10} files, {large:.0f} MiB for {n}: "
           f"{sorted(per_file)[1]:.2f} KiB more per file (median of 3; {min(per_file):.2f} to {max(per_file):.2f})")
