@@ -3,8 +3,8 @@
     .venv/bin/python bench/rerun_bench.py [N]       (default 100000)
 
 Prints the first (full) encode time and the rerun time, and checks that the rerun rewrote no shard; then the
-peak RSS of a first `featstore encode` (its own process) over N/10 and over N of the files, to show how much of
-encode's memory grows with the dataset (the listing and the plan hold one entry per file).
+peak RSS of `featstore encode` (its own process) over N/10 and over N of the files, first encode and unchanged
+rerun, to show how much of encode's memory grows with the dataset.
 """
 
 import hashlib
@@ -20,15 +20,17 @@ from featstore.encode import encode  # noqa: E402
 from probe_bench import peak_rss_mib  # noqa: E402
 
 
-def encode_peak_rss(files: list[str], root: str) -> float:
-    """Peak RSS (MiB) of a first encode of FILES, via a manifest; shards of 5,000 rows, so the shard being
-    filled weighs the same at every size and a difference between sizes is what grows per file."""
+def encode_peak_rss(files: list[str], root: str) -> tuple[float, float]:
+    """Peak RSS (MiB) of a first encode of FILES via a manifest, then of an unchanged rerun of it; shards of
+    5,000 rows, so the shard being filled weighs the same at every size and a difference between sizes is
+    what grows per file."""
     manifest = os.path.join(root, f"manifest-{len(files)}.csv")
     with open(manifest, "w") as f:
         f.write("path,label\n" + "".join(f"{path},{os.path.basename(os.path.dirname(path))}\n" for path in files))
-    return peak_rss_mib([sys.executable, "-m", "featstore", "encode", f"manifest:{manifest}", "--store",
-                         tempfile.mkdtemp(dir=root), "--split", "train", "--model", "random:tiny",
-                         "--batch-size", "256", "--workers", "2", "--shard-rows", "5000", "--quiet"])
+    command = [sys.executable, "-m", "featstore", "encode", f"manifest:{manifest}", "--store",
+               tempfile.mkdtemp(dir=root), "--split", "train", "--model", "random:tiny",
+               "--batch-size", "256", "--workers", "2", "--shard-rows", "5000", "--quiet"]
+    return peak_rss_mib(command), peak_rss_mib(command)
 
 
 def main() -> None:
@@ -53,12 +55,17 @@ def main() -> None:
     print(f"files {n}: first encode {t1 - t0:.1f}s ({first['img_per_s']} img/s), "
           f"unchanged rerun {t3 - t2:.2f}s (encoded {again['encoded']}, shards rewritten 0)")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs)
-    per_file = []  # the peaks vary by tens of MiB from run to run: alternate sizes, report the median
+    growth = {"first encode": [], "unchanged rerun": []}  # peaks vary by tens of MiB: alternate sizes
     for _ in range(3):
         small, large = encode_peak_rss(files[:n // 10], root), encode_peak_rss(files, root)
-        per_file.append((large - small) * 1024 / (n - n // 10))
-    print(f"peak RSS of a first encode: {small:.0f} MiB for {n // 10} files, {large:.0f} MiB for {n}: "
-          f"{sorted(per_file)[1]:.2f} KiB more per file (median of 3; {min(per_file):.2f} to {max(per_file):.2f})")
+        for k, what in enumerate(growth):
+            growth[what].append(((large[k] - small[k]) * 1024 / (n - n // 10), small[k], large[k]))
+    for what, runs in growth.items():
+        per_file = sorted(r[0] for r in runs)
+        median = sorted(runs)[1]
+        print(f"peak RSS of {what}: {median[1]:.0f} MiB for {n // 10} files, {median[2]:.0f} MiB for {n}: "
+              f"{per_file[1]:.2f} KiB more per file (median of 3; {per_file[0]:.2f} to {per_file[2]:.2f})")
+
 
 if __name__ == "__main__":
     main()

@@ -267,7 +267,7 @@ class WorkerDied(Exception):
     """A DataLoader worker process vanished (OOM kill, a crashing decoder)."""
 
 
-def _batches(model: ClipModel, source, items: list[Item], batch_size: int, workers: int):
+def _batches(model: ClipModel, source, items: list[Item], batch_size: int, workers: int, prefetch: int = 4):
     loader = DataLoader(
         ItemDataset(source, items, model.preprocess),
         batch_size=batch_size,
@@ -275,7 +275,7 @@ def _batches(model: ClipModel, source, items: list[Item], batch_size: int, worke
         collate_fn=collate,
         pin_memory=model.device.type == "cuda",
         worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=prefetch if workers else None,
     )
     try:
         batches = iter(loader)
@@ -288,6 +288,8 @@ def _batches(model: ClipModel, source, items: list[Item], batch_size: int, worke
         if "DataLoader worker" in str(e):
             raise WorkerDied(str(e)) from None
         raise
+    except (ConnectionError, EOFError) as e:  # the worker died while sending a batch
+        raise WorkerDied(f"DataLoader worker died mid-transfer ({type(e).__name__})") from None
 
 
 def _heap_trimmer():
@@ -313,7 +315,9 @@ def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWrite
                  workers: int, progress: bool) -> None:
     """Drive reader -> mapper -> writer. If a worker dies, the rest is read again by fresh workers; the
     items right after a death are read one at a time, so a file that kills its decoder is found and
-    recorded as failed instead of killing every later attempt."""
+    recorded as failed instead of killing every later attempt. One at a time means one item in flight:
+    a worker's queue sends results from a background thread, so results of items before the one that
+    killed it can die with it, and with more in flight an innocent file would be blamed."""
     from tqdm import tqdm
 
     done = np.zeros(len(items), dtype=bool)
@@ -328,7 +332,8 @@ def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWrite
             batch = [items[i] for i in chunk]
             try:
                 for pixels, indices, shas, failures in _batches(model, source, batch, 1 if isolating else batch_size,
-                                                                  min(workers, 1) if isolating else workers):
+                                                                  min(workers, 1) if isolating else workers,
+                                                                  1 if isolating else 4):
                     embeddings = model.encode_images(pixels).numpy() if pixels is not None else None
                     writer.add([batch[i] for i in indices], embeddings, shas, [(batch[i], why) for i, why in failures])
                     finished = chunk[[*indices, *(i for i, _ in failures)]]

@@ -19,7 +19,9 @@ from conftest import draw_image, featstore, write_folder
 from conftest import SLOW_MODEL
 from test_store import assert_same_store, committed_shards, kill_when, start_encode, store_rows
 
+from featstore.encode import encode
 from featstore.models import load_model
+from featstore.store import Store
 
 
 def shard_fingerprints(store: str) -> dict[str, tuple]:
@@ -184,6 +186,30 @@ def test_a_dying_worker_loses_nothing(tmp_path):
     assert sorted(rows) == sorted(f"{c}/img_{i:03d}.png" for c in ("circle", "square", "triangle") for i in range(40))
     assert json.loads(featstore("info", store, "--json").stdout)["splits"]["train"]["failed"] == 0
     assert featstore("verify", store).returncode == 0
+
+
+def test_a_file_that_kills_its_decoder_is_isolated_and_recorded(tmp_path, monkeypatch):
+    """A decoder that crashes (segfault, OOM kill) takes its worker process with it: the run goes on, reads
+    the items near the death one at a time, and records the one file that kills its reader as a failure."""
+    import featstore.sources
+
+    source = tmp_path / "src"
+    write_folder(source, per_class=12, seed=3, classes=["circle", "square"])
+    poison = (source / "square" / "img_005.png").read_bytes()
+    decode = featstore.sources.decode_image
+
+    def crashing_decode(data: bytes):
+        if data == poison:
+            os.kill(os.getpid(), signal.SIGKILL)  # in a forked DataLoader worker
+        return decode(data)
+
+    monkeypatch.setattr(featstore.sources, "decode_image", crashing_decode)
+    store = str(tmp_path / "store")
+    result = encode(str(source), store, "train", model="random:tiny", batch_size=4, workers=2, progress=False)
+    assert (result["rows"], result["failed"]) == (23, 1)
+    assert "square/img_005.png" not in store_rows(store, "train") and len(store_rows(store, "train")) == 23
+    [failure] = Store.open(store).failures()
+    assert failure["id"] == "square/img_005.png" and "decoder process died" in failure["reason"]
 
 
 def test_verify_finds_a_truncated_shard_and_encode_repairs_it(tmp_path, dataset):
