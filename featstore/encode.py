@@ -1,6 +1,7 @@
 """``featstore encode``: plan → reader → mapper → writer, driven by ``encode``.
 
-- plan: compare the source's fingerprints with the split's rows; only new or changed items are read.
+- plan: walk the source's listing and the split's rows together in id order, comparing fingerprints; only
+  new or changed items are read, and they wait in a spill file, so memory does not grow with the source.
 - reader: a torch DataLoader whose workers read, hash and preprocess images (bad files become failures).
 - mapper: the model's ``encode_image`` (raw, unnormalised outputs).
 - writer: buffers rows and commits shards on a background thread, then patches shards whose rows
@@ -10,12 +11,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,18 +30,74 @@ from torch.utils.data import DataLoader, Dataset
 from featstore.errors import FeatstoreError
 from featstore.identity import describe, same_model
 from featstore.models import DEFAULT_MODEL, ClipModel, load_model
-from featstore.sources import Item, open_source
+from featstore.sources import PLAN_BATCH, Item, open_source
 from featstore.store import DTYPES, Store, check_split_name, shard_schema
 
 DEFAULT_SHARD_ROWS = 50_000
 
 
 # ---- plan ---------------------------------------------------------------------------------------
+class SpilledItems:
+    """The items a run must encode, spilled to an Arrow IPC file as the plan finds them and read back a
+    batch at a time (in each process that reads them): a run holds a few batches of Items, not one per file.
+
+    The file lives in the split's folder as ``.plan-*.tmp``, which plain Parquet readers skip and the next
+    writer's ``reconcile`` removes if a crash left it."""
+
+    SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string()),
+                        ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", pa.string())])
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f".plan-{uuid.uuid4().hex[:8]}.tmp")
+        self._sink = pa.ipc.new_file(self.path, self.SCHEMA)
+        self._pending: list[Item] = []
+        self._count = 0
+        self._reader = self._pid = None
+        self._cached: tuple[int, list[Item]] = (-1, [])
+
+    def append(self, item: Item) -> None:
+        self._pending.append(item)
+        self._count += 1
+        if len(self._pending) == PLAN_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        columns = zip(*((it.id, it.path, it.label, it.size, it.mtime_ns, it.sha256) for it in self._pending))
+        self._sink.write_batch(pa.record_batch(list(map(list, columns)), schema=self.SCHEMA))
+        self._pending = []
+
+    def close(self) -> None:
+        """No more items: what follows reads."""
+        if self._pending:
+            self._flush()
+        self._sink.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> Item:
+        number, offset = divmod(i, PLAN_BATCH)
+        if self._cached[0] != number:
+            if self._pid != os.getpid():  # a forked DataLoader worker opens its own reader
+                self._reader, self._pid = pa.ipc.open_file(pa.OSFile(self.path)), os.getpid()
+            rows = self._reader.get_batch(number).to_pydict()
+            self._cached = (number, [Item(*row) for row in zip(*rows.values())])
+        return self._cached[1][offset]
+
+    def __getstate__(self) -> dict:  # spawned workers (not forked) get a reader of their own too
+        return {**self.__dict__, "_sink": None, "_reader": None, "_pid": None, "_cached": (-1, [])}
+
+
 @dataclass
 class Plan:
     """What a run must do to make the split equal to the source."""
 
-    to_encode: list[Item] = field(default_factory=list)
+    to_encode: SpilledItems | list[Item] = field(default_factory=list)
     unchanged: int = 0
     kept_failures: int = 0
     old_shard: dict[str, str] = field(default_factory=dict)  # changed id -> shard holding its old row
@@ -49,51 +108,68 @@ class Plan:
         return set(self.old_shard.values()) | set(self.removed) | set(self.retouched)
 
 
-def row_index(store: Store, split: str) -> dict[str, tuple]:
-    """id -> (shard, size, mtime_ns, sha256, label) for every stored row of the split."""
-    index: dict[str, tuple] = {}
-    columns = ["id", "size", "mtime_ns", "sha256", "label"]
-    for path in store.shard_paths(split):
-        table = pq.read_table(path, columns=columns)
-        shard = os.path.basename(path)
-        for row in zip(*(table.column(c).to_pylist() for c in columns)):
-            index[row[0]] = (shard, *row[1:])
-    return index
+def stored_rows(store: Store, split: str) -> Iterator[tuple]:
+    """(id, shard, size, mtime_ns, sha256, label) of every stored row of the split, in id order.
+
+    The fingerprints are held as one sorted Arrow table and turned into Python a batch at a time (a rerun's
+    peak grows 0.17 KiB per row in bench/rerun_bench.py; 0.26 with the dict of tuples this replaced)."""
+    names = [os.path.basename(path) for path in store.shard_paths(split)]
+    table = store.read_split(split, ["id", "size", "mtime_ns", "sha256", "label"], locate=True)
+    for batch in table.select(["id", "shard", "size", "mtime_ns", "sha256", "label"]).to_batches(max_chunksize=PLAN_BATCH):
+        for row_id, shard, *rest in zip(*(column.to_pylist() for column in batch.columns)):
+            yield row_id, names[shard], *rest
 
 
-def make_plan(store: Store, split: str, items: list[Item], source, label_ids: dict[str, int]) -> Plan:
-    plan = Plan()
-    index = row_index(store, split)
+def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids: dict[str, int]) -> Plan:
+    """Walk the source's items and the split's stored rows together, both in id order, sorting each item
+    into new, changed, re-fingerprinted or unchanged, and each row no item matched into removed."""
+    plan = Plan(to_encode=SpilledItems(store.split_dir(split)))
     failed = store.split_info(split)["failed"]
-    live = {item.id for item in items}
-    for item in items:
-        label = label_ids.get(item.label) if item.label is not None else None
-        old = index.get(item.id)
-        if old is None:
-            record = failed.get(item.id)
-            if record and (record["size"], record["mtime_ns"], record.get("sha256")) == (item.size, item.mtime_ns, item.sha256):
-                plan.kept_failures += 1  # retried only once the file changes
+    listed_failures = set()
+    previous = None
+    try:
+        rows = stored_rows(store, split)
+        row = next(rows, None)
+        for item in items:
+            if previous is not None and item.id <= previous:
+                raise FeatstoreError(f"source {source.spec} lists {item.id!r} " + ("twice" if item.id == previous else "out of order"))
+            previous = item.id
+            while row is not None and row[0] < item.id:
+                plan.removed.setdefault(row[1], set()).add(row[0])
+                row = next(rows, None)
+            if item.id in failed:
+                listed_failures.add(item.id)
+            label = label_ids.get(item.label) if item.label is not None else None
+            if row is None or row[0] != item.id:
+                record = failed.get(item.id)
+                if record and (record["size"], record["mtime_ns"], record.get("sha256")) == (item.size, item.mtime_ns, item.sha256):
+                    plan.kept_failures += 1  # retried only once the file changes
+                else:
+                    plan.to_encode.append(item)
+                continue
+            (_, shard, size, mtime_ns, sha, old_label), row = row, next(rows, None)
+            if item.sha256 is not None:
+                same_bytes, same_fingerprint = item.sha256 == sha, item.sha256 == sha
             else:
+                same_fingerprint = (size, mtime_ns) == (item.size, item.mtime_ns)
+                same_bytes = same_fingerprint or _file_sha256(source, item) == sha
+            if not same_bytes:
                 plan.to_encode.append(item)
-            continue
-        shard, size, mtime_ns, sha, old_label = old
-        if item.sha256 is not None:
-            same_bytes, same_fingerprint = item.sha256 == sha, item.sha256 == sha
-        else:
-            same_fingerprint = (size, mtime_ns) == (item.size, item.mtime_ns)
-            same_bytes = same_fingerprint or _file_sha256(source, item) == sha
-        if not same_bytes:
-            plan.to_encode.append(item)
-            plan.old_shard[item.id] = shard
-        elif not same_fingerprint or label != old_label:
-            plan.retouched.setdefault(shard, {})[item.id] = item
-        else:
-            plan.unchanged += 1
-    for row_id, (shard, *_rest) in index.items():
-        if row_id not in live:
-            plan.removed.setdefault(shard, set()).add(row_id)
-    for row_id in [r for r in failed if r not in live]:
-        del failed[row_id]
+                plan.old_shard[item.id] = shard
+            elif not same_fingerprint or label != old_label:
+                plan.retouched.setdefault(shard, {})[item.id] = item
+            else:
+                plan.unchanged += 1
+        while row is not None:
+            plan.removed.setdefault(row[1], set()).add(row[0])
+            row = next(rows, None)
+        for row_id in [r for r in failed if r not in listed_failures]:
+            del failed[row_id]
+    except BaseException:
+        plan.to_encode.close()
+        plan.to_encode.discard()
+        raise
+    plan.to_encode.close()
     return plan
 
 
@@ -108,17 +184,17 @@ def _file_sha256(source, item: Item) -> str | None:
 
 # ---- reader -------------------------------------------------------------------------------------
 class ItemDataset(Dataset):
-    """Reads, hashes and preprocesses one item; a bad file yields its error instead of a tensor."""
+    """Reads, hashes and preprocesses ``items[start + i]``; a bad file yields its error instead of a tensor."""
 
-    def __init__(self, source, items: list[Item], preprocess):
-        self.source, self.items, self.preprocess = source, items, preprocess
+    def __init__(self, source, items, preprocess, start: int = 0):
+        self.source, self.items, self.preprocess, self.start = source, items, preprocess, start
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) - self.start
 
     def __getitem__(self, i: int):
         try:
-            sha, image = self.source.open(self.items[i])
+            sha, image = self.source.open(self.items[self.start + i])
             return i, self.preprocess(image), sha, None
         except Exception as e:  # any decoder error is a property of the file, not of the run
             return i, None, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -267,9 +343,9 @@ class WorkerDied(Exception):
     """A DataLoader worker process vanished (OOM kill, a crashing decoder)."""
 
 
-def _batches(model: ClipModel, source, items: list[Item], batch_size: int, workers: int, prefetch: int = 4):
+def _batches(model: ClipModel, source, items, start: int, batch_size: int, workers: int, prefetch: int):
     loader = DataLoader(
-        ItemDataset(source, items, model.preprocess),
+        ItemDataset(source, items, model.preprocess, start),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -311,46 +387,46 @@ def _heap_trimmer():
 TRIM_EVERY = 8  # batches between heap trims (a trim and the page faults after it cost ~ms; a batch ~0.5 s)
 
 
-def run_pipeline(model: ClipModel, source, items: list[Item], writer: ShardWriter, batch_size: int,
-                 workers: int, progress: bool) -> None:
-    """Drive reader -> mapper -> writer. If a worker dies, the rest is read again by fresh workers; the
-    items right after a death are read one at a time, so a file that kills its decoder is found and
-    recorded as failed instead of killing every later attempt. One at a time means one item in flight:
-    a worker's queue sends results from a background thread, so results of items before the one that
+def run_pipeline(model: ClipModel, source, items, writer: ShardWriter, batch_size: int, workers: int,
+                 progress: bool) -> None:
+    """Drive reader -> mapper -> writer over ITEMS (a sequence). If a worker dies, the rest is read again by
+    fresh workers; the items right after a death are read one at a time, so a file that kills its decoder is
+    found and recorded as failed instead of killing every later attempt. One at a time means one item in
+    flight: a worker's queue sends results from a background thread, so results of items before the one that
     killed it can die with it, and with more in flight an innocent file would be blamed."""
     from tqdm import tqdm
 
-    done = np.zeros(len(items), dtype=bool)
     trim_heap, batches = _heap_trimmer(), 0
     window = batch_size * max(1, workers) * 4  # what was in flight when a worker died
-    isolate_until = 0
+    done = isolate_until = 0  # batches arrive in order, so items[:done] are written or recorded as failed
     with tqdm(total=len(items), unit="img", desc="encode", disable=not progress, file=sys.stderr) as bar:
-        while not done.all():
-            todo = np.flatnonzero(~done)
-            isolating = todo[0] < isolate_until
-            chunk = todo[todo < isolate_until] if isolating else todo
-            batch = [items[i] for i in chunk]
+        while done < len(items):
+            start, isolating = done, done < isolate_until
+            loader = _batches(model, source, items, start, 1 if isolating else batch_size,
+                              min(workers, 1) if isolating else workers, 1 if isolating else 4)
             try:
-                for pixels, indices, shas, failures in _batches(model, source, batch, 1 if isolating else batch_size,
-                                                                  min(workers, 1) if isolating else workers,
-                                                                  1 if isolating else 4):
+                for pixels, indices, shas, failures in loader:
                     embeddings = model.encode_images(pixels).numpy() if pixels is not None else None
-                    writer.add([batch[i] for i in indices], embeddings, shas, [(batch[i], why) for i, why in failures])
-                    finished = chunk[[*indices, *(i for i, _ in failures)]]
-                    done[finished] = True
-                    bar.update(len(finished))
+                    writer.add([items[start + i] for i in indices], embeddings, shas,
+                               [(items[start + i], why) for i, why in failures])
+                    finished = len(indices) + len(failures)
+                    done += finished
+                    bar.update(finished)
                     batches += 1
                     if batches % TRIM_EVERY == 0:
                         trim_heap()
+                    if isolating and done >= isolate_until:
+                        break  # past the suspects: back to full batches and all workers
             except WorkerDied as e:
-                if isolating:  # the first item not delivered is the one its worker died on
-                    culprit = chunk[~done[chunk]][0]
-                    writer.add([], None, [], [(items[culprit], f"decoder process died ({e})"[:300])])
-                    done[culprit] = True
+                if isolating:  # the one item in flight is the one its worker died on
+                    writer.add([], None, [], [(items[done], f"decoder process died ({e})"[:300])])
+                    done += 1
                     bar.update(1)
                 else:
-                    isolate_until = int(chunk[~done[chunk]][0]) + window
+                    isolate_until = done + window
                 print(f"featstore: warning: {str(e).splitlines()[0]}; continuing with fresh workers", file=sys.stderr)
+            finally:
+                loader.close()
 
 
 def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, batch_size: int | None = None,
@@ -371,7 +447,6 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
     if store.exists and dtype is not None and dtype != store.manifest["dtype"]:
         raise FeatstoreError(f"store {store.root} holds {store.manifest['dtype']} embeddings, not {dtype}")
     src = open_source(source, split)
-    items = src.scan()
     clip_model = load_model(model, device, precision)
     if store.exists and not same_model(store.manifest["model"], clip_model.identity):
         raise FeatstoreError(
@@ -385,12 +460,15 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         repairs = store.reconcile(split)
         store.split_info(split)["source"] = src.spec
         label_ids = store.class_ids(src.classes())
-        plan = make_plan(store, split, items, src, label_ids)
-        writer = ShardWriter(store, split, plan, label_ids, shard_rows)
-        workers = default_workers(clip_model.device) if workers is None else workers
-        batch_size = batch_size or default_batch_size(clip_model.device)
-        run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
-        writer.close()
+        plan = make_plan(store, split, src.iter_items(), src, label_ids)
+        try:
+            writer = ShardWriter(store, split, plan, label_ids, shard_rows)
+            workers = default_workers(clip_model.device) if workers is None else workers
+            batch_size = batch_size or default_batch_size(clip_model.device)
+            run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
+            writer.close()
+        finally:
+            plan.to_encode.discard()
     seconds = time.perf_counter() - started
     info = store.split_info(split)
     encoded = writer.encoded

@@ -1,34 +1,38 @@
 """Where images come from: a folder, a CIFAR python archive, or a manifest file.
 
-A source lists its items cheaply (``scan``: ids, labels and a fingerprint, no decoding) and opens one item
-at a time (``open``: bytes hash and an RGB PIL image), so that the store can decide what to encode before
-any pixel is read, and decoding can run in DataLoader workers.
+A source lists its items cheaply and lazily, in id order (``iter_items``: ids, labels and a fingerprint, no
+decoding), and opens one item at a time (``open``: bytes hash and an RGB PIL image), so that the store can
+decide what to encode before any pixel is read, by walking the listing in step with its own sorted rows,
+without holding either, and decoding can run in DataLoader workers.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import os
 import pickle
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from featstore.errors import FeatstoreError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+PLAN_BATCH = 4096  # items listed, planned or spilled per batch (~1 MiB of Items)
 Image.MAX_IMAGE_PIXELS = 178_956_970  # PIL's default bomb guard, stated so it cannot be switched off silently
 
 
 @dataclass(frozen=True, slots=True)
 class Item:
     """One image of a source. ``size``/``mtime_ns`` are the cheap change fingerprint; ``sha256`` is
-    known at scan time only for in-memory sources (archives), else computed when the file is read.
-    Slots: a run holds one Item per file of the source, so their size is most of encode's per-file memory."""
+    known when listed only for in-memory sources (archives), else computed when the file is read.
+    Slots: a run holds up to a few batches of Items (``PLAN_BATCH`` each) at a time."""
 
     id: str
     path: str
@@ -65,26 +69,27 @@ class FolderSource:
         self.spec = self.root
 
     def _walk(self, folder: str):
-        with os.scandir(folder) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    yield from self._walk(entry.path)
-                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                    yield entry
+        with os.scandir(folder) as scan:
+            entries = [e for e in scan if not e.name.startswith(".")]
+        # a folder sorts as "name/": then the walk yields relative paths in plain string order, the order
+        # of the store's ids (only one folder's entries are held at a time)
+        entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                yield entry
 
     def classes(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
 
-    def scan(self) -> list[Item]:
-        items = []
+    def iter_items(self) -> Iterator[Item]:
+        """The images, in id order (relative paths as strings), found as they are yielded."""
         for entry in self._walk(self.root):
             rel = os.path.relpath(entry.path, self.root).replace(os.sep, "/")
             label = sys.intern(rel.split("/", 1)[0]) if "/" in rel else None
             st = entry.stat()
-            items.append(Item(rel, rel, label, st.st_size, st.st_mtime_ns))
-        return items
+            yield Item(rel, rel, label, st.st_size, st.st_mtime_ns)
 
     def read(self, item: Item) -> bytes:
         with open(os.path.join(self.root, item.path), "rb") as f:
@@ -107,39 +112,59 @@ class ManifestSource(FolderSource):
         self.spec = f"manifest:{self.manifest}"
         self.rows = self._read_rows()
 
-    def _read_rows(self) -> list[tuple[str, str | None]]:
-        if self.manifest.endswith(".parquet"):
-            import pyarrow.parquet as pq
+    def _read_rows(self) -> pa.Table:
+        """The manifest's (id, label) rows sorted by id, as Arrow columns: a few bytes more per row than
+        the paths themselves, where Python objects would take ~0.3 KiB."""
+        try:
+            if self.manifest.endswith(".parquet"):
+                import pyarrow.parquet as pq
 
-            try:
                 table = pq.read_table(self.manifest)
-            except Exception as e:
-                raise FeatstoreError(f"cannot read manifest {self.manifest}: {e}") from None
-            columns = {name: table.column(name).to_pylist() for name in table.column_names}
-        else:
-            with open(self.manifest, newline="") as f:
-                records = list(csv.DictReader(f))
-            columns = {k: [r[k] for r in records] for k in (records[0].keys() if records else [])}
-        if "path" not in columns:
+            else:
+                import pyarrow.csv as pacsv
+
+                table = pacsv.read_csv(self.manifest, convert_options=pacsv.ConvertOptions(
+                    column_types={"path": pa.string(), "label": pa.string()}))
+        except Exception as e:
+            raise FeatstoreError(f"cannot read manifest {self.manifest}: {e}".splitlines()[0]) from None
+        if "path" not in table.column_names:
             raise FeatstoreError(f"manifest {self.manifest} has no 'path' column")
-        labels = columns.get("label") or [None] * len(columns["path"])
-        return [(str(p), (sys.intern(str(lab)) if lab not in (None, "") else None)) for p, lab in zip(columns["path"], labels)]
+        paths = table.column("path").cast(pa.string())
+        labels = table.column("label").cast(pa.string()) if "label" in table.column_names else pa.nulls(len(paths), pa.string())
+        if paths.null_count:
+            raise FeatstoreError(f"manifest {self.manifest} has rows without a path")
+        ids = pa.chunked_array([pa.array([self._id(p) for p in chunk.to_pylist()], pa.string())
+                                for chunk in paths.chunks], pa.string())
+        labels = pc.if_else(pc.equal(labels, ""), pa.scalar(None, pa.string()), labels)
+        rows = pa.table({"id": ids, "label": labels})
+        rows = rows.take(pc.sort_indices(rows, sort_keys=[("id", "ascending")]))
+        if rows.num_rows > 1:
+            ids = rows.column("id")
+            same = pc.equal(ids.slice(1), ids.slice(0, rows.num_rows - 1))
+            if pc.any(same).as_py():
+                twice = ids[pc.index(same, True).as_py()].as_py()
+                raise FeatstoreError(f"manifest {self.manifest} lists {twice} more than once")
+        return rows
+
+    def _id(self, path: str) -> str:
+        """Relative paths are taken from the manifest's folder and normalised; absolute ones stay as given."""
+        if os.path.isabs(path):
+            return path
+        return os.path.relpath(os.path.join(self.root, path), self.root).replace(os.sep, "/")
 
     def classes(self) -> list[str]:
-        return sorted({label for _, label in self.rows if label is not None})
+        return sorted(label for label in pc.unique(self.rows.column("label")).to_pylist() if label is not None)
 
-    def scan(self) -> list[Item]:
-        items = []
-        for path, label in self.rows:
-            full = path if os.path.isabs(path) else os.path.join(self.root, path)
-            rel = os.path.relpath(full, self.root).replace(os.sep, "/") if not os.path.isabs(path) else path
-            try:
-                st = os.stat(full)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, -1  # reported as a failure when opened
-            items.append(Item(rel, rel, label, size, mtime))
-        return items
+    def iter_items(self) -> Iterator[Item]:
+        for batch in self.rows.to_batches(max_chunksize=PLAN_BATCH):
+            for rel, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                full = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
+                try:
+                    st = os.stat(full)
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size, mtime = -1, -1  # reported as a failure when opened
+                yield Item(rel, rel, sys.intern(label) if label is not None else None, size, mtime)
 
 
 class CifarSource:
@@ -185,12 +210,11 @@ class CifarSource:
     def classes(self) -> list[str]:
         return list(self._classes)
 
-    def scan(self) -> list[Item]:
-        digests = (hashlib.sha256(row.tobytes()).hexdigest() for row in self.data)
-        return [
-            Item(f"{self.part}/{i}", f"{self.part}/{i}", self._classes[label], 3072, 0, sha)
-            for i, (label, sha) in enumerate(zip(self.labels, digests))
-        ]
+    def iter_items(self) -> Iterator[Item]:
+        """Images in id order ("train/10" sorts before "train/2"), hashed as they are yielded."""
+        for i in sorted(range(len(self.data)), key=str):
+            sha = hashlib.sha256(self.data[i].tobytes()).hexdigest()
+            yield Item(f"{self.part}/{i}", f"{self.part}/{i}", self._classes[self.labels[i]], 3072, 0, sha)
 
     def open(self, item: Item) -> tuple[str, Image.Image]:
         index = int(item.path.rsplit("/", 1)[1])

@@ -341,18 +341,14 @@ class Store:
         """
         paths = self.shard_paths(split)
         schema = shard_schema(self.dim, self.manifest["dtype"], {})
-        if not paths:
-            table = schema.empty_table()
-            return table.select(columns) if columns else table
         cols = columns if columns is None or "id" in columns else ["id", *columns]
-        tables = []
+        tables = [schema.empty_table().select(cols or schema.names)]
         with _reading(split):
-            for number, path in enumerate(paths):
-                table = pq.read_table(path, columns=cols)
-                if locate:
-                    table = table.append_column("shard", pa.array(np.full(table.num_rows, number, np.int32)))
-                    table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-                tables.append(table)
+            tables += [pq.read_table(path, columns=cols) for path in paths]
+        if locate:  # a row's shard number (in shard_paths order) and its row number there
+            tables = [table.append_column("shard", pa.array(np.full(table.num_rows, number - 1, np.int32)))
+                      .append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+                      for number, table in enumerate(tables)]
         table = pa.concat_tables(tables)
         table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
         if locate:

@@ -191,6 +191,7 @@ def test_a_dying_worker_loses_nothing(tmp_path):
 def test_a_file_that_kills_its_decoder_is_isolated_and_recorded(tmp_path, monkeypatch):
     """A decoder that crashes (segfault, OOM kill) takes its worker process with it: the run goes on, reads
     the items near the death one at a time, and records the one file that kills its reader as a failure."""
+    import featstore.encode
     import featstore.sources
 
     source = tmp_path / "src"
@@ -204,6 +205,7 @@ def test_a_file_that_kills_its_decoder_is_isolated_and_recorded(tmp_path, monkey
         return decode(data)
 
     monkeypatch.setattr(featstore.sources, "decode_image", crashing_decode)
+    monkeypatch.setattr(featstore.encode, "PLAN_BATCH", 5)  # the spilled plan is read back across batches
     store = str(tmp_path / "store")
     result = encode(str(source), store, "train", model="random:tiny", batch_size=4, workers=2, progress=False)
     assert (result["rows"], result["failed"]) == (23, 1)
@@ -235,7 +237,10 @@ def test_bad_command_lines(tmp_path, dataset, checkpoint):
     fresh = str(tmp_path / "never")
     not_a_model = tmp_path / "model.pt"
     not_a_model.write_bytes(b"definitely not a checkpoint")
+    twice = tmp_path / "twice.csv"
+    twice.write_text(f"path\n{train}/circle/img_000.png\ntrain/circle/img_001.png\n{train}/circle/img_000.png\n")
     cases = [
+        (["encode", f"manifest:{twice}", "--store", fresh, "--split", "a", "--model", "random:tiny"], 2, "img_000.png more than once"),
         (["encode", str(tmp_path / "nope"), "--store", fresh, "--split", "a", "--model", "random:tiny"], 2, "does not exist"),
         (["encode", train, "--store", fresh, "--split", "a", "--model", "ViT-Z/99"], 2, "unknown model 'ViT-Z/99'"),
         (["encode", train, "--store", fresh, "--split", "a", "--model", str(not_a_model)], 2, "is not a CLIP checkpoint"),

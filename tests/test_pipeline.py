@@ -60,6 +60,31 @@ def test_manifest_sources_csv_and_parquet(tmp_path, dataset):
     assert s.read_split("b").column("path").to_pylist()[0] == "train/circle/img_000.png"  # relative to the manifest
 
 
+def test_listings_walk_in_step_with_stored_rows(tmp_path, monkeypatch):
+    """Encode walks a listing and the stored rows together, both in id order. Names that sort differently
+    as folder entries and as paths ("a b/" < "a-b" < "a/" < "a0/") must still match row for row on a rerun,
+    and a manifest in any order lists the same ids."""
+    import featstore.encode
+    import featstore.sources
+
+    for module in (featstore.encode, featstore.sources):  # listings, stored rows and the plan in batches of 3
+        monkeypatch.setattr(module, "PLAN_BATCH", 3)
+    src = tmp_path / "src"
+    names = ["a/1.png", "a-b.png", "a b/2.png", "a0/3.png", "a/b/4.png", "ab.png", "\u00e9/5.png", "Z/6.png"]
+    for i, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        draw_image(i, i).save(src / name)
+    store = str(tmp_path / "store")
+    first = encode(str(src), store, "train", model="random:tiny", progress=False)
+    again = encode(str(src), store, "train", model="random:tiny", progress=False)
+    assert first["encoded"] == 8 and (again["encoded"], again["unchanged"], again["removed"]) == (0, 8, 0)
+    assert sorted(Store.open(store).read_split("train").column("id").to_pylist()) == sorted(names)
+    (tmp_path / "m.csv").write_text("path\n" + "".join(f"src/{name}\n" for name in reversed(names)), encoding="utf-8")
+    via_manifest = encode(f"manifest:{tmp_path / 'm.csv'}", store, "m", model="random:tiny", progress=False)
+    assert via_manifest["encoded"] == 8
+    assert Store.open(store).read_split("m").column("id").to_pylist() == sorted(f"src/{name}" for name in names)
+
+
 def test_flat_folder_is_unlabelled_and_modes_become_rgb(tmp_path):
     folder = tmp_path / "flat"
     folder.mkdir()
