@@ -108,27 +108,32 @@ class Plan:
         return set(self.old_shard.values()) | set(self.removed) | set(self.retouched)
 
 
-def stored_rows(store: Store, split: str) -> Iterator[tuple]:
-    """(id, shard, size, mtime_ns, sha256, label) of every stored row of the split, in id order.
+def stored_rows(store: Store, split: str, hashes: bool) -> Iterator[tuple]:
+    """(id, shard, size, mtime_ns, sha256 or None without HASHES, label) of every stored row of the split,
+    in id order.
 
-    The fingerprints are held as one sorted Arrow table and turned into Python a batch at a time (a rerun's
-    peak grows 0.17 KiB per row in bench/rerun_bench.py; 0.26 with the dict of tuples this replaced)."""
+    The fingerprints are held as one sorted Arrow table and turned into Python a batch at a time; the sha256
+    column (half the table) only when the source lists hashes (archives). In bench/rerun_bench.py a rerun's
+    peak RSS grows by 0.11 KiB per row (0.17 with the sha256 column, 0.26 with a dict of tuples)."""
     names = [os.path.basename(path) for path in store.shard_paths(split)]
-    table = store.read_split(split, ["id", "size", "mtime_ns", "sha256", "label"], locate=True)
-    for batch in table.select(["id", "shard", "size", "mtime_ns", "sha256", "label"]).to_batches(max_chunksize=PLAN_BATCH):
-        for row_id, shard, *rest in zip(*(column.to_pylist() for column in batch.columns)):
-            yield row_id, names[shard], *rest
+    columns = ["id", "size", "mtime_ns", *(["sha256"] if hashes else []), "label"]
+    table = store.read_split(split, columns, locate=True).select(["id", "shard", *columns[1:]])
+    for batch in table.to_batches(max_chunksize=PLAN_BATCH):
+        for row_id, shard, size, mtime_ns, *sha, label in zip(*(column.to_pylist() for column in batch.columns)):
+            yield row_id, names[shard], size, mtime_ns, sha[0] if sha else None, label
 
 
 def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids: dict[str, int]) -> Plan:
     """Walk the source's items and the split's stored rows together, both in id order, sorting each item
-    into new, changed, re-fingerprinted or unchanged, and each row no item matched into removed."""
+    into new, changed, re-fingerprinted or unchanged, and each row no item matched into removed. Files whose
+    size or mtime changed are hashed after the walk, against their shard's stored sha256."""
     plan = Plan(to_encode=SpilledItems(store.split_dir(split)))
     failed = store.split_info(split)["failed"]
     listed_failures = set()
+    suspects: dict[str, dict[str, Item]] = {}  # shard -> items whose fingerprint changed
     previous = None
     try:
-        rows = stored_rows(store, split)
+        rows = stored_rows(store, split, source.lists_hashes)
         row = next(rows, None)
         for item in items:
             if previous is not None and item.id <= previous:
@@ -139,7 +144,6 @@ def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids
                 row = next(rows, None)
             if item.id in failed:
                 listed_failures.add(item.id)
-            label = label_ids.get(item.label) if item.label is not None else None
             if row is None or row[0] != item.id:
                 record = failed.get(item.id)
                 if record and (record["size"], record["mtime_ns"], record.get("sha256")) == (item.size, item.mtime_ns, item.sha256):
@@ -148,21 +152,22 @@ def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids
                     plan.to_encode.append(item)
                 continue
             (_, shard, size, mtime_ns, sha, old_label), row = row, next(rows, None)
-            if item.sha256 is not None:
-                same_bytes, same_fingerprint = item.sha256 == sha, item.sha256 == sha
-            else:
-                same_fingerprint = (size, mtime_ns) == (item.size, item.mtime_ns)
-                same_bytes = same_fingerprint or _file_sha256(source, item) == sha
-            if not same_bytes:
-                plan.to_encode.append(item)
-                plan.old_shard[item.id] = shard
-            elif not same_fingerprint or label != old_label:
-                plan.retouched.setdefault(shard, {})[item.id] = item
-            else:
-                plan.unchanged += 1
+            if item.sha256 is None and (size, mtime_ns) != (item.size, item.mtime_ns):
+                suspects.setdefault(shard, {})[item.id] = item
+                continue
+            same = item.sha256 == sha if item.sha256 is not None else True
+            label = label_ids.get(item.label) if item.label is not None else None
+            _sort_matched(plan, item, shard, same_bytes=same, same_fingerprint=same, same_label=label == old_label)
         while row is not None:
             plan.removed.setdefault(row[1], set()).add(row[0])
             row = next(rows, None)
+        for shard, group in suspects.items():
+            stored = pq.read_table(os.path.join(store.split_dir(split), shard), columns=["id", "sha256"])
+            for row_id, sha in zip(*(column.to_pylist() for column in stored.columns)):
+                if row_id in group:
+                    item = group[row_id]
+                    same = _file_sha256(source, item) == sha
+                    _sort_matched(plan, item, shard, same_bytes=same, same_fingerprint=False, same_label=True)
         for row_id in [r for r in failed if r not in listed_failures]:
             del failed[row_id]
     except BaseException:
@@ -171,6 +176,17 @@ def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids
         raise
     plan.to_encode.close()
     return plan
+
+
+def _sort_matched(plan: Plan, item: Item, shard: str, same_bytes: bool, same_fingerprint: bool, same_label: bool) -> None:
+    """An item that has a stored row: re-encode it, update the row's metadata, or leave it."""
+    if not same_bytes:
+        plan.to_encode.append(item)
+        plan.old_shard[item.id] = shard
+    elif not same_fingerprint or not same_label:
+        plan.retouched.setdefault(shard, {})[item.id] = item
+    else:
+        plan.unchanged += 1
 
 
 def _file_sha256(source, item: Item) -> str | None:

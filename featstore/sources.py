@@ -62,6 +62,8 @@ def decode_image(data: bytes) -> Image.Image:
 class FolderSource:
     """A directory of images; first-level subfolders are classes named by the folder, a flat folder is unlabelled."""
 
+    lists_hashes = False  # items' sha256 is known only once a file is read
+
     def __init__(self, root: str):
         if not os.path.isdir(root):
             raise FeatstoreError(f"source folder {root} does not exist")
@@ -175,6 +177,8 @@ class CifarSource:
                     "batches.meta", "label_names", "labels"),
         "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", "fine_label_names", "fine_labels"),
     }
+
+    lists_hashes = True  # the pixels are in memory: items are listed with their sha256
 
     def __init__(self, kind: str, root: str, part: str):
         folder, parts, meta, names_key, labels_key = self.LAYOUT[kind]

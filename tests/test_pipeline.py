@@ -34,6 +34,8 @@ def test_cifar_archive_source(tmp_path):
     result = encode(f"cifar100:{tmp_path / 'cifar'}", store, "train", model="random:tiny", progress=False)
     encode(f"cifar100:{tmp_path / 'cifar'}:test", store, "holdout", model="random:tiny", progress=False)
     assert result["rows"] == 30 and result["failed"] == 0
+    again = encode(f"cifar100:{tmp_path / 'cifar'}", store, "train", model="random:tiny", progress=False)
+    assert (again["encoded"], again["unchanged"], again["removed"]) == (0, 30, 0)  # pixel hashes compared
     s = Store.open(store)
     assert s.classes == names  # from the archive's meta, in its order
     table = s.read_split("train")
