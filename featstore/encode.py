@@ -476,7 +476,10 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         repairs = store.reconcile(split)
         store.split_info(split)["source"] = src.spec
         label_ids = store.class_ids(src.classes())
-        plan = make_plan(store, split, src.iter_items(), src, label_ids)
+        from tqdm import tqdm
+
+        with tqdm(src.iter_items(), unit=" files", desc="plan", disable=not progress, file=sys.stderr) as listing:
+            plan = make_plan(store, split, listing, src, label_ids)  # long on reruns of many millions of files
         try:
             writer = ShardWriter(store, split, plan, label_ids, shard_rows)
             workers = default_workers(clip_model.device) if workers is None else workers
