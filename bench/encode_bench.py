@@ -110,12 +110,12 @@ def gemm_ceiling(model, batch_size: int, precisions: list[str]) -> tuple[float, 
 
 
 def featstore_run(root: str, spec: str, precision: str, batch_size: int, workers: int | None, device: str):
-    store = tempfile.mkdtemp(prefix="featstore-bench-store-")
-    start = time.perf_counter()
-    result = encode(root, store, "bench", model=spec, batch_size=batch_size, workers=workers, device=device,
-                    precision=precision, dtype="float32", progress=False)
-    startup = time.perf_counter() - start - result["seconds"]  # imports are done; this is the model load
-    ids, features, _ = Store.open(store).features("bench")
+    with tempfile.TemporaryDirectory(prefix="featstore-bench-store-") as store:
+        start = time.perf_counter()
+        result = encode(root, store, "bench", model=spec, batch_size=batch_size, workers=workers, device=device,
+                        precision=precision, dtype="float32", progress=False)
+        startup = time.perf_counter() - start - result["seconds"]  # imports are done; this is the model load
+        ids, features, _ = Store.open(store).features("bench")
     return result["seconds"], startup, features
 
 
@@ -136,7 +136,6 @@ def main() -> None:
 
     batch_size = args.batch_size or default_batch_size(torch.device("cuda" if cuda else "cpu"))
     ref_model = load_model(args.model, args.device)  # fp32 on CPU, fp16 on CUDA: clip.load's choice
-    text = torch.nn.functional.normalize(torch.randn(100, ref_model.dim, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
     print(f"model {args.model} | device {ref_model.device} | torch threads {torch.get_num_threads()} | "
           f"{args.n} images per kind | featstore batch {batch_size}, workers {args.workers or 'default'}")
     models = {precision: ref_model if precision == ref_model.precision else load_model(args.model, args.device, precision)
@@ -145,37 +144,43 @@ def main() -> None:
     print(f"{flops / 1e9:.1f} GFLOP per image; at this machine's rate for its largest matrix product "
           f"(batch {batch_size}) the ceiling is " + ", ".join(f"{p} {c:.1f} img/s" for p, c in ceilings.items()))
     for kind in args.kinds.split(","):
-        root = tempfile.mkdtemp(prefix=f"featstore-bench-{kind}-")
-        make_images(root, kind, args.n)
-        pixels = preprocessed(ref_model, root)
-        # the machine's speed drifts by 10-20 % over minutes (shared cores): every variant runs once per
-        # round, rounds interleave them, and each variant's fastest round is compared
-        ref_times, runs, forwards = [], {p: [] for p in precisions}, {p: [] for p in precisions}
-        for _ in range(args.rounds):
-            ref_seconds, ref_features = reference(ref_model, root)
-            ref_times.append(ref_seconds)
-            for precision in precisions:
-                forwards[precision].append(model_only(models[precision], pixels, batch_size))
-                runs[precision].append(featstore_run(root, args.model, precision, batch_size, args.workers, args.device))
-        ref_rate = args.n / min(ref_times)
-        print(f"\n[{kind}] reference loop (batch 100, {ref_model.precision}): {ref_rate:7.1f} img/s "
-              f"(fastest of {args.rounds} rounds; slowest {args.n / max(ref_times):.1f}); ceilings = "
-              + ", ".join(f"{c / ref_rate:.2f}x ({p})" for p, c in ceilings.items()) + " this reference")
-        ref_top1 = np.argmax(ref_features @ text.T / np.linalg.norm(ref_features, axis=1, keepdims=True), axis=1)
+        with tempfile.TemporaryDirectory(prefix=f"featstore-bench-{kind}-") as root:
+            compare(kind, root, args, ref_model, models, precisions, ceilings, batch_size)
+
+
+def compare(kind: str, root: str, args, ref_model, models: dict, precisions: list[str], ceilings: dict, batch_size: int) -> None:
+    """The reference, featstore and model-only rounds on one kind of image, and their printed comparison."""
+    text = torch.nn.functional.normalize(torch.randn(100, ref_model.dim, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
+    make_images(root, kind, args.n)
+    pixels = preprocessed(ref_model, root)
+    # the machine's speed drifts by 10-20 % over minutes (shared cores): every variant runs once per
+    # round, rounds interleave them, and each variant's fastest round is compared
+    ref_times, runs, forwards = [], {p: [] for p in precisions}, {p: [] for p in precisions}
+    for _ in range(args.rounds):
+        ref_seconds, ref_features = reference(ref_model, root)
+        ref_times.append(ref_seconds)
         for precision in precisions:
-            seconds = min(r[0] for r in runs[precision])
-            startup = min(r[1] for r in runs[precision])
-            features = runs[precision][-1][2]
-            forward = min(forwards[precision])
-            rate = args.n / seconds
-            cos = (features * ref_features).sum(1) / (np.linalg.norm(features, axis=1) * np.linalg.norm(ref_features, axis=1))
-            rel = np.abs(features - ref_features).max() / np.abs(ref_features).max()
-            top1 = np.argmax(features @ text.T / np.linalg.norm(features, axis=1, keepdims=True), axis=1)
-            ratios = ", ".join(f"{min(ref_times) / r[0]:.2f}" for r in runs[precision])
-            print(f"[{kind}] featstore {precision:4s} end-to-end {rate:7.1f} img/s = {rate / ref_rate:4.2f}x reference "
-                  f"(per round vs the fastest reference: {ratios}) | "
-                  f"model-only {args.n / forward:7.1f} img/s, end-to-end / model-only time {seconds / forward:4.2f} | "
-                  f"model load {startup:.1f}s | vs reference: max rel err {rel:.1e}, min cos {cos.min():.5f}, top-1 agreement {np.mean(top1 == ref_top1):.3f}")
+            forwards[precision].append(model_only(models[precision], pixels, batch_size))
+            runs[precision].append(featstore_run(root, args.model, precision, batch_size, args.workers, args.device))
+    ref_rate = args.n / min(ref_times)
+    print(f"\n[{kind}] reference loop (batch 100, {ref_model.precision}): {ref_rate:7.1f} img/s "
+          f"(fastest of {args.rounds} rounds; slowest {args.n / max(ref_times):.1f}); ceilings = "
+          + ", ".join(f"{c / ref_rate:.2f}x ({p})" for p, c in ceilings.items()) + " this reference")
+    ref_top1 = np.argmax(ref_features @ text.T / np.linalg.norm(ref_features, axis=1, keepdims=True), axis=1)
+    for precision in precisions:
+        seconds = min(r[0] for r in runs[precision])
+        startup = min(r[1] for r in runs[precision])
+        features = runs[precision][-1][2]
+        forward = min(forwards[precision])
+        rate = args.n / seconds
+        cos = (features * ref_features).sum(1) / (np.linalg.norm(features, axis=1) * np.linalg.norm(ref_features, axis=1))
+        rel = np.abs(features - ref_features).max() / np.abs(ref_features).max()
+        top1 = np.argmax(features @ text.T / np.linalg.norm(features, axis=1, keepdims=True), axis=1)
+        ratios = ", ".join(f"{min(ref_times) / r[0]:.2f}" for r in runs[precision])
+        print(f"[{kind}] featstore {precision:4s} end-to-end {rate:7.1f} img/s = {rate / ref_rate:4.2f}x reference "
+              f"(per round vs the fastest reference: {ratios}) | "
+              f"model-only {args.n / forward:7.1f} img/s, end-to-end / model-only time {seconds / forward:4.2f} | "
+              f"model load {startup:.1f}s | vs reference: max rel err {rel:.1e}, min cos {cos.min():.5f}, top-1 agreement {np.mean(top1 == ref_top1):.3f}")
 
 
 if __name__ == "__main__":

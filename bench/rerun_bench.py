@@ -35,7 +35,11 @@ def encode_peak_rss(files: list[str], root: str) -> tuple[float, float]:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    root = tempfile.mkdtemp(prefix="featstore-rerun-")
+    with tempfile.TemporaryDirectory(prefix="featstore-rerun-") as root:
+        measure(n, root)
+
+
+def measure(n: int, root: str) -> None:
     src = os.path.join(root, "src")
     for c in range(10):
         os.makedirs(os.path.join(src, f"class_{c}"))
