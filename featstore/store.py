@@ -345,7 +345,8 @@ class Store:
         tables = [schema.empty_table().select(cols or schema.names)]
         with _reading(split):
             tables += [pq.read_table(path, columns=cols) for path in paths]
-        if locate:  # a row's shard number (in shard_paths order) and its row number there
+        if locate:  # a row's shard number in shard_paths order (tables[0] is the empty one that fixes the
+            # schema, hence number - 1) and its row number there
             tables = [table.append_column("shard", pa.array(np.full(table.num_rows, number - 1, np.int32)))
                       .append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
                       for number, table in enumerate(tables)]
