@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -200,15 +202,29 @@ def _file_sha256(source, item: Item) -> str | None:
 
 # ---- reader -------------------------------------------------------------------------------------
 class ItemDataset(Dataset):
-    """Reads, hashes and preprocesses ``items[start + i]``; a bad file yields its error instead of a tensor."""
+    """Reads, hashes and preprocesses ``items[start + i]``; a bad file yields its error instead of a tensor.
 
-    def __init__(self, source, items, preprocess, start: int = 0):
+    With MODEL_BUSY (a shared flag the runner raises during each CPU forward) a worker starts an item only
+    while the model is idle: a decoder running beside the model's threads slowed the forward by 8-10 %
+    (32x32 PNGs, two cores), more than the decoding itself costs."""
+
+    def __init__(self, source, items, preprocess, start: int = 0, model_busy=None):
         self.source, self.items, self.preprocess, self.start = source, items, preprocess, start
+        self.model_busy, self.runner = model_busy, os.getpid()
 
     def __len__(self) -> int:
         return len(self.items) - self.start
 
+    def _wait_for_the_model(self) -> None:
+        """Poll the flag (a lock could be left held by a worker killed while waiting on it)."""
+        while self.model_busy.value:
+            if os.getpid() != self.runner and os.getppid() != self.runner:
+                os._exit(0)  # a worker whose run was killed: do not outlive it
+            time.sleep(0.002)
+
     def __getitem__(self, i: int):
+        if self.model_busy is not None:
+            self._wait_for_the_model()
         try:
             sha, image = self.source.open(self.items[self.start + i])
             return i, self.preprocess(image), sha, None
@@ -232,8 +248,10 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def default_workers(device: torch.device) -> int:
+    """On CPU workers decode only while the model is idle (see ItemDataset), so one per core (up to 4)
+    shortens those pauses without taking cores from the model."""
     cores = os.cpu_count() or 1
-    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores // 2))
+    return min(8, cores) if device.type == "cuda" else min(4, cores)
 
 
 # ---- writer -------------------------------------------------------------------------------------
@@ -359,9 +377,9 @@ class WorkerDied(Exception):
     """A DataLoader worker process vanished (OOM kill, a crashing decoder)."""
 
 
-def _batches(model: ClipModel, source, items, start: int, batch_size: int, workers: int, prefetch: int):
+def _batches(model: ClipModel, source, items, start: int, batch_size: int, workers: int, prefetch: int, model_busy):
     loader = DataLoader(
-        ItemDataset(source, items, model.preprocess, start),
+        ItemDataset(source, items, model.preprocess, start, model_busy if workers else None),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -390,8 +408,6 @@ def _heap_trimmer():
     glibc raises its mmap threshold to the size of the first large block freed, so every later batch's
     tensors come from the heap, and freed heap pages between live small blocks stay resident: without a trim
     encode's RSS grew with the number of batches (measured ~3-5 KiB per image) instead of staying bounded."""
-    import ctypes
-
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
@@ -401,6 +417,16 @@ def _heap_trimmer():
 
 
 TRIM_EVERY = 8  # batches between heap trims (a trim and the page faults after it cost ~ms; a batch ~0.5 s)
+
+
+def _forward(model: ClipModel, pixels: torch.Tensor, model_busy) -> np.ndarray:
+    if model_busy is None:
+        return model.encode_images(pixels).numpy()
+    model_busy.value = True
+    try:
+        return model.encode_images(pixels).numpy()
+    finally:
+        model_busy.value = False
 
 
 def run_pipeline(model: ClipModel, source, items, writer: ShardWriter, batch_size: int, workers: int,
@@ -413,16 +439,18 @@ def run_pipeline(model: ClipModel, source, items, writer: ShardWriter, batch_siz
     from tqdm import tqdm
 
     trim_heap, batches = _heap_trimmer(), 0
+    # on CPU, decoding fills the model's pauses instead of competing with its threads (see ItemDataset)
+    model_busy = multiprocessing.RawValue(ctypes.c_bool, False) if model.device.type == "cpu" else None
     window = batch_size * max(1, workers) * 4  # what was in flight when a worker died
     done = isolate_until = 0  # batches arrive in order, so items[:done] are written or recorded as failed
     with tqdm(total=len(items), unit="img", desc="encode", disable=not progress, file=sys.stderr) as bar:
         while done < len(items):
             start, isolating = done, done < isolate_until
             loader = _batches(model, source, items, start, 1 if isolating else batch_size,
-                              min(workers, 1) if isolating else workers, 1 if isolating else 4)
+                              min(workers, 1) if isolating else workers, 1 if isolating else 4, model_busy)
             try:
                 for pixels, indices, shas, failures in loader:
-                    embeddings = model.encode_images(pixels).numpy() if pixels is not None else None
+                    embeddings = _forward(model, pixels, model_busy) if pixels is not None else None
                     writer.add([items[start + i] for i in indices], embeddings, shas,
                                [(items[start + i], why) for i, why in failures])
                     finished = len(indices) + len(failures)

@@ -87,6 +87,29 @@ def test_listings_walk_in_step_with_stored_rows(tmp_path, monkeypatch):
     assert Store.open(store).read_split("m").column("id").to_pylist() == sorted(f"src/{name}" for name in names)
 
 
+def test_cpu_decoding_waits_while_the_model_runs(tmp_path):
+    """On CPU a worker starts an item only while the runner's model_busy flag is down."""
+    import ctypes
+    import multiprocessing
+    import threading
+
+    from featstore.encode import ItemDataset
+    from featstore.sources import FolderSource
+
+    draw_image(0, 0).save(tmp_path / "one.png")
+    source = FolderSource(str(tmp_path))
+    busy = multiprocessing.RawValue(ctypes.c_bool, True)
+    dataset = ItemDataset(source, list(source.iter_items()), _transform(32), model_busy=busy)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(dataset[0]))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive() and not got  # held while the model is busy
+    busy.value = False
+    reader.join(10)
+    assert got and got[0][1].shape == (3, 32, 32) and got[0][3] is None
+
+
 def test_flat_folder_is_unlabelled_and_modes_become_rgb(tmp_path):
     folder = tmp_path / "flat"
     folder.mkdir()
