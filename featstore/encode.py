@@ -216,11 +216,12 @@ class ItemDataset(Dataset):
         return len(self.items) - self.start
 
     def _wait_for_the_model(self) -> None:
-        """Poll the flag (a lock could be left held by a worker killed while waiting on it)."""
+        """Poll the flag (a lock could be left held by a worker killed while waiting on it) every 20 ms:
+        polling every 2 ms still slowed fp32 forwards by ~10 %, each wake-up preempting a model thread."""
         while self.model_busy.value:
             if os.getpid() != self.runner and os.getppid() != self.runner:
                 os._exit(0)  # a worker whose run was killed: do not outlive it
-            time.sleep(0.002)
+            time.sleep(0.02)
 
     def __getitem__(self, i: int):
         if self.model_busy is not None:
