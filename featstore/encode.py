@@ -380,7 +380,7 @@ class WorkerDied(Exception):
 
 def _batches(model: ClipModel, source, items, start: int, batch_size: int, workers: int, prefetch: int, model_busy):
     loader = DataLoader(
-        ItemDataset(source, items, model.preprocess, start, model_busy if workers else None),
+        ItemDataset(source, items, model.preprocess, start, model_busy),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -421,13 +421,14 @@ TRIM_EVERY = 8  # batches between heap trims (a trim and the page faults after i
 
 
 def _forward(model: ClipModel, pixels: torch.Tensor, model_busy) -> np.ndarray:
-    if model_busy is None:
-        return model.encode_images(pixels).numpy()
-    model_busy.value = True
+    """The mapper; MODEL_BUSY, when there is one, is raised while it runs."""
+    if model_busy is not None:
+        model_busy.value = True
     try:
         return model.encode_images(pixels).numpy()
     finally:
-        model_busy.value = False
+        if model_busy is not None:
+            model_busy.value = False
 
 
 def run_pipeline(model: ClipModel, source, items, writer: ShardWriter, batch_size: int, workers: int,
@@ -440,8 +441,8 @@ def run_pipeline(model: ClipModel, source, items, writer: ShardWriter, batch_siz
     from tqdm import tqdm
 
     trim_heap, batches = _heap_trimmer(), 0
-    # on CPU, decoding fills the model's pauses instead of competing with its threads (see ItemDataset)
-    model_busy = multiprocessing.RawValue(ctypes.c_bool, False) if model.device.type == "cpu" else None
+    # with CPU workers, decoding fills the model's pauses instead of competing with its threads (see ItemDataset)
+    model_busy = multiprocessing.RawValue(ctypes.c_bool, False) if model.device.type == "cpu" and workers else None
     window = batch_size * max(1, workers) * 4  # what was in flight when a worker died
     done = isolate_until = 0  # batches arrive in order, so items[:done] are written or recorded as failed
     with tqdm(total=len(items), unit="img", desc="encode", disable=not progress, file=sys.stderr) as bar:
