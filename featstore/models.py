@@ -18,7 +18,7 @@ import torch
 with warnings.catch_warnings():  # clip imports pkg_resources, which warns on import
     warnings.simplefilter("ignore")
     import clip
-    from clip.model import CLIP, build_model
+    from clip.model import CLIP, LayerNorm, build_model
 
 from featstore.errors import FeatstoreError, ModelUnavailable
 from featstore.store import sha256_file
@@ -65,7 +65,7 @@ class ClipModel:
         """Raw (unnormalised) ``encode_image`` outputs as float32 on the CPU."""
         pixels = pixels.to(self.device, non_blocking=True)
         with self._autocast():
-            features = self.model.encode_image(pixels)
+            features = encode_image(self.model, pixels)
         return features.float().cpu()
 
     @torch.inference_mode()
@@ -75,6 +75,44 @@ class ClipModel:
         with self._autocast():
             features = self.model.encode_text(tokens)
         return features.float().cpu().numpy()
+
+
+def encode_image(model: CLIP, image: torch.Tensor) -> torch.Tensor:
+    """``model.encode_image(image)``, with a ViT's last block computing the class token's row alone.
+
+    The image embedding is read from the class token only, so the last block's attention query, attention
+    output and MLP are needed for that one token of 50 (ViT-B/32), as CLIP's own ``AttentionPool2d`` does for
+    the ResNets; keys and values still span every token. The arithmetic is the same (results differ from
+    ``encode_image`` by float rounding only) and a ViT-B/32 forward does ~7 % fewer FLOPs.
+    """
+    visual = model.visual
+    if not hasattr(visual, "transformer"):
+        return model.encode_image(image)
+    x = visual.conv1(image.type(model.dtype))  # [batch, width, grid, grid]: patch embeddings
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    class_token = visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    x = torch.cat([class_token, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = visual.ln_pre(x).permute(1, 0, 2)  # NLD -> LND
+    *blocks, last = visual.transformer.resblocks
+    for block in blocks:
+        x = block(x)
+    tokens = last.ln_1(x)
+    x = x[:1] + last.attn(tokens[:1], tokens, tokens, need_weights=False)[0]
+    x = x + last.mlp(last.ln_2(x))
+    return visual.ln_post(x[0]) @ visual.proj
+
+
+def cast_image_weights(model: CLIP, dtype: torch.dtype) -> None:
+    """Store the image tower's weights in the dtype autocast would cast them to on every forward.
+
+    Autocast rounds fp32 weights to bf16 once per call (4-8 % of a bf16 forward on CPU); holding them rounded
+    gives bit-identical embeddings without that. LayerNorms stay fp32, as CLIP's LayerNorm computes in fp32
+    (``clip.model.convert_weights`` keeps them fp32 for fp16 alike); the text tower is left to autocast.
+    """
+    for module in model.visual.modules():
+        if not isinstance(module, LayerNorm):
+            for parameter in module.parameters(recurse=False):
+                parameter.data = parameter.data.to(dtype)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -193,6 +231,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str |
         raise FeatstoreError(f"cannot build a CLIP model from {spec} ({type(e).__name__}: {e})") from None
     if precision != "fp16":
         model = model.float()
+    if precision == "bf16":
+        cast_image_weights(model, torch.bfloat16)
     model = model.to(torch_device).eval()
     resolution = int(model.visual.input_resolution)
     identity = {
