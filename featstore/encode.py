@@ -112,17 +112,12 @@ class Plan:
 
 def stored_rows(store: Store, split: str, hashes: bool) -> Iterator[tuple]:
     """(id, shard, size, mtime_ns, sha256 or None without HASHES, label) of every stored row of the split,
-    in id order.
-
-    The fingerprints are held as one sorted Arrow table and turned into Python a batch at a time; the sha256
-    column (half the table) only when the source lists hashes (archives). In bench/rerun_bench.py a rerun's
-    peak RSS grows by 0.11 KiB per row (0.17 with the sha256 column, 0.26 with a dict of tuples)."""
-    names = [os.path.basename(path) for path in store.shard_paths(split)]
-    columns = ["id", "size", "mtime_ns", *(["sha256"] if hashes else []), "label"]
-    table = store.read_split(split, columns, locate=True).select(["id", "shard", *columns[1:]])
-    for batch in table.to_batches(max_chunksize=PLAN_BATCH):
-        for row_id, shard, size, mtime_ns, *sha, label in zip(*(column.to_pylist() for column in batch.columns)):
-            yield row_id, names[shard], size, mtime_ns, sha[0] if sha else None, label
+    in id order, streamed from the shards (``Store.iter_rows``); the sha256 column is read only when the
+    source lists hashes (archives)."""
+    if hashes:
+        return store.iter_rows(split, ["size", "mtime_ns", "sha256", "label"])
+    return ((row_id, shard, size, mtime_ns, None, label)
+            for row_id, shard, size, mtime_ns, label in store.iter_rows(split, ["size", "mtime_ns", "label"]))
 
 
 def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids: dict[str, int]) -> Plan:

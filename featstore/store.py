@@ -3,7 +3,7 @@
 Layout::
 
     DIR/featstore.json                     manifest: model identity, classes, shards (rows, sha256), failures
-    DIR/images/split=NAME/part-*.parquet   one file per shard; every file there holds only live rows
+    DIR/images/split=NAME/part-*.parquet   one file per shard, rows sorted by id; every file there holds only live rows
     DIR/labels/classes.parquet             text embeddings per class (``featstore labels``)
     DIR/labels/index.faiss                 IndexFlatIP over the normalised class embeddings
     DIR/.lock                              locked (lockf) by the one writer
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -38,6 +39,7 @@ FORMAT = 1
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SHARD_NAME = re.compile(r"^part-[0-9]{6}-[0-9a-f]{8}\.parquet$")
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+ID_ORDER = [pq.SortingColumn(0)]  # every shard is sorted by id (column 0) and says so in its footer
 READ_ROWS = 4096  # rows per record batch when streaming embeddings (8 MiB of float32 at 512 dimensions)
 
 
@@ -109,6 +111,49 @@ def _reading(split: str) -> Iterator[None]:
         yield
     except (OSError, pa.ArrowException) as e:
         raise FeatstoreError(f"cannot read split {split!r}: {e} (run featstore verify)") from None
+
+
+def _id_range(path: str) -> tuple[str, str]:
+    """The lowest and highest id in a shard, from its footer's statistics (or its id column without them)."""
+    meta = pq.read_metadata(path)
+    stats = [meta.row_group(i).column(0).statistics for i in range(meta.num_row_groups)]
+    if all(s is not None and s.has_min_max for s in stats):
+        return (min(s.min for s in stats), max(s.max for s in stats)) if stats else ("", "")
+    ids = pq.read_table(path, columns=["id"]).column("id")
+    bounds = pc.min_max(ids)
+    return bounds["min"].as_py() or "", bounds["max"].as_py() or ""
+
+
+def _sorted_runs(shards: list[tuple[str, str, str]]) -> list[list[str]]:
+    """(low id, high id, path) of shards chained into the fewest runs of shards whose id ranges follow one
+    another (a new shard joins the run that ended earliest, if it ended below the shard's lowest id)."""
+    runs: list[list[str]] = []
+    ends: list[tuple[str, int]] = []  # (highest id so far, run number), a heap
+    for low, high, path in sorted(shards):
+        if ends and ends[0][0] < low:
+            number = heapq.heappop(ends)[1]
+        else:
+            number = len(runs)
+            runs.append([])
+        runs[number].append(path)
+        heapq.heappush(ends, (high, number))
+    return runs
+
+
+def _run_rows(paths: list[str], columns: list[str]) -> Iterator[tuple]:
+    for path in paths:
+        name = os.path.basename(path)
+        reader = pq.ParquetFile(path, buffer_size=1 << 16)
+        declared = all(reader.metadata.row_group(i).sorting_columns == tuple(ID_ORDER)
+                       for i in range(reader.metadata.num_row_groups))
+        if declared:
+            batches = reader.iter_batches(batch_size=READ_ROWS, columns=["id", *columns])
+        else:
+            table = reader.read(columns=["id", *columns])
+            batches = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")])).to_batches(READ_ROWS)
+        for batch in batches:
+            row_ids, *values = (column.to_pylist() for column in batch.columns)
+            yield from zip(row_ids, [name] * len(row_ids), *values)
 
 
 class Store:
@@ -259,8 +304,11 @@ class Store:
         name = name or self.new_shard_name()
         path = os.path.join(folder, name)
         tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        order = pc.sort_indices(table, sort_keys=[("id", "ascending")])
+        if not order.equals(pa.array(np.arange(table.num_rows), order.type)):
+            table = table.take(order)
         try:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, sorting_columns=ID_ORDER)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             record = self.split_info(split, create=True)["shards"].setdefault(name, {})
@@ -355,6 +403,18 @@ class Store:
         if locate:
             return table.select([*(columns or schema.names), "shard", "row"])
         return table.select(columns) if columns else table
+
+    def iter_rows(self, split: str, columns: list[str]) -> Iterator[tuple]:
+        """(id, shard name, *COLUMNS) for every row of a split, in id order, without holding the split.
+
+        Shards whose id ranges (from their footers) follow one another, such as one encode's new shards, are
+        read one after another as one sorted run, and the runs are merged: memory grows with the number of
+        runs (one per encode that added ids among the stored ones) times a batch, not with the rows. A shard
+        written before shards were sorted is sorted in memory when its turn comes.
+        """
+        with _reading(split):
+            runs = _sorted_runs([(*_id_range(path), path) for path in self.shard_paths(split)])
+            yield from heapq.merge(*(_run_rows(run, columns) for run in runs), key=lambda row: row[0])
 
     def fill_embeddings(self, split: str, shard: np.ndarray, row: np.ndarray, out: np.ndarray) -> None:
         """``out[i] = `` the embedding at (``shard[i]``, ``row[i]``) as located by ``read_split(locate=True)``.

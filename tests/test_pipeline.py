@@ -68,9 +68,11 @@ def test_listings_walk_in_step_with_stored_rows(tmp_path, monkeypatch):
     and a manifest in any order lists the same ids."""
     import featstore.encode
     import featstore.sources
+    import featstore.store
 
     for module in (featstore.encode, featstore.sources):  # listings, stored rows and the plan in batches of 3
         monkeypatch.setattr(module, "PLAN_BATCH", 3)
+    monkeypatch.setattr(featstore.store, "READ_ROWS", 3)
     src = tmp_path / "src"
     names = ["a/1.png", "a-b.png", "a b/2.png", "a0/3.png", "a/b/4.png", "ab.png", "\u00e9/5.png", "Z/6.png"]
     for i, name in enumerate(names):

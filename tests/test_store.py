@@ -125,3 +125,45 @@ def test_fill_embeddings_places_every_located_row(tmp_path, monkeypatch):
     everything = np.empty((located.num_rows, 8), dtype=np.float32)
     store.fill_embeddings("train", located.column("shard").to_numpy(), located.column("row").to_numpy(), everything)
     np.testing.assert_array_equal(everything, embeddings[[int(i) for i in located.column("id").to_pylist()]].astype(np.float32))
+
+
+def test_rows_stream_in_id_order_from_interleaved_runs(tmp_path, monkeypatch):
+    """A rerun reads the stored rows in id order without loading the split: shards are written sorted by id
+    (and say so in their footer), shards whose id ranges follow one another are read as one run, and the
+    runs are merged. A shard without the mark (written by an older featstore) is sorted as it is read."""
+    import featstore.store as store_module
+    from featstore.encode import Plan, ShardWriter
+    from featstore.sources import Item
+    from featstore.store import Store, _id_range, _sorted_runs
+
+    store = Store(str(tmp_path / "store"))
+    store.create({"name": "test", "dim": 4}, "float32")
+
+    def encode_ids(ids: list[str]) -> None:
+        with store.lock("test"):
+            store.split_info("train", create=True)
+            writer = ShardWriter(store, "train", Plan(), {}, shard_rows=4)
+            writer.add([Item(i, "", None, int(i), 0) for i in ids], np.zeros((len(ids), 4)), [""] * len(ids), [])
+            writer.close()
+
+    encode_ids([f"{i:03d}" for i in range(0, 30, 2)])  # evens: four shards, one after another
+    encode_ids([f"{i:03d}" for i in range(1, 30, 2)][::-1])  # odds among them, handed over in reverse
+    encode_ids(["100", "101"])  # past every stored id: continues a run
+    paths = store.shard_paths("train")
+    runs = _sorted_runs([(*_id_range(path), path) for path in paths])
+    assert len(paths) == 9 and len(runs) == 2 and sorted(sum(runs, [])) == sorted(paths)
+    for path in paths:
+        ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        assert ids == sorted(ids)
+
+    monkeypatch.setattr(store_module, "READ_ROWS", 3)  # several record batches per shard
+    located = store.read_split("train", ["id"], locate=True)
+    shard_of = {i: os.path.basename(paths[s]) for i, s in zip(located.column("id").to_pylist(), located.column("shard").to_pylist())}
+    expected = sorted([f"{i:03d}" for i in range(30)] + ["100", "101"])
+    for _ in range(2):
+        rows = list(store.iter_rows("train", ["size"]))
+        assert [row[0] for row in rows] == expected
+        assert all(shard == shard_of[row_id] and size == int(row_id) for row_id, shard, size in rows)
+        legacy = pq.read_table(paths[0])  # as an older featstore wrote it: unsorted, unmarked
+        pq.write_table(legacy.take(list(range(legacy.num_rows))[::-1]), paths[0])
+        assert pq.read_metadata(paths[0]).row_group(0).sorting_columns == ()
