@@ -295,7 +295,8 @@ class ShardWriter:
         table = self.rows(items, embeddings, shas)
         self.encoded += len(items)
         moved = pa.array([it.id in self.plan.old_shard for it in items])
-        self.replacements.append(table.filter(moved))
+        if self.plan.old_shard:  # only a rerun replaces rows (an empty table per batch would add up)
+            self.replacements.append(table.filter(moved))
         fresh = table.filter(pc.invert(moved))
         self.buffer.append(fresh)
         self.buffered += fresh.num_rows
