@@ -75,9 +75,10 @@ def model_only(model, pixels: torch.Tensor, batch_size: int) -> float:
 
 
 def gemm_ceiling(model, batch_size: int, precisions: list[str]) -> tuple[float, dict[str, float]]:
-    """encode_image's FLOPs per image (multiply and add counted apart: ViT-B/32's "4.4 GFLOPs" are multiply-adds, 8.8 GFLOP)
-    and, per precision, the img/s the model would reach if all of them ran at the rate this machine does the
-    model's largest matrix product at this batch size: the ceiling for any encoder doing encode_image's math."""
+    """encode_image's FLOPs per image (multiply and add counted apart: ViT-B/32's "4.4 GFLOPs" are
+    multiply-adds, 8.8 GFLOP) and, per precision, the img/s the model would reach if all of them ran at the
+    rate this machine does the model's largest matrix product at this batch size: the ceiling for any encoder
+    doing encode_image's math."""
     from torch.utils.flop_counter import FlopCounterMode
 
     linears = [m for m in model.model.visual.modules() if isinstance(m, torch.nn.Linear)]

@@ -77,6 +77,10 @@ class ClipModel:
         return features.float().cpu().numpy()
 
 
+def is_vit(model: CLIP) -> bool:
+    return hasattr(model.visual, "transformer")  # else a ModifiedResNet
+
+
 def encode_image(model: CLIP, image: torch.Tensor) -> torch.Tensor:
     """``model.encode_image(image)``, with a ViT's last block computing the class token's row alone.
 
@@ -86,7 +90,7 @@ def encode_image(model: CLIP, image: torch.Tensor) -> torch.Tensor:
     ``encode_image`` by float rounding only) and a ViT-B/32 forward does ~7 % fewer FLOPs.
     """
     visual = model.visual
-    if not hasattr(visual, "transformer"):
+    if not is_vit(model):
         return model.encode_image(image)
     x = visual.conv1(image.type(model.dtype))  # [batch, width, grid, grid]: patch embeddings
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
@@ -103,7 +107,7 @@ def encode_image(model: CLIP, image: torch.Tensor) -> torch.Tensor:
 
 
 def cast_image_weights(model: CLIP, dtype: torch.dtype) -> None:
-    """Store the image tower's weights in the dtype autocast would cast them to on every forward.
+    """Store a ViT image tower's weights in the dtype autocast would cast them to on every forward.
 
     Autocast rounds fp32 weights to bf16 once per call (4-8 % of a bf16 forward on CPU); holding them rounded
     gives bit-identical embeddings without that. LayerNorms stay fp32, as CLIP's LayerNorm computes in fp32
@@ -231,7 +235,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str |
         raise FeatstoreError(f"cannot build a CLIP model from {spec} ({type(e).__name__}: {e})") from None
     if precision != "fp16":
         model = model.float()
-    if precision == "bf16":
+    if precision == "bf16" and is_vit(model):  # a ResNet's BatchNorm statistics would not be autocast's
         cast_image_weights(model, torch.bfloat16)
     model = model.to(torch_device).eval()
     resolution = int(model.visual.input_resolution)

@@ -154,7 +154,7 @@ def test_rows_stream_in_id_order_from_interleaved_runs(tmp_path, monkeypatch):
     assert len(paths) == 9 and len(runs) == 2 and sorted(sum(runs, [])) == sorted(paths)
     for path in paths:
         ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
-        assert ids == sorted(ids)
+        assert ids == sorted(ids) and pq.read_metadata(path).row_group(0).sorting_columns == (pq.SortingColumn(0),)
 
     monkeypatch.setattr(store_module, "READ_ROWS", 3)  # several record batches per shard
     located = store.read_split("train", ["id"], locate=True)
