@@ -3,13 +3,14 @@
     .venv/bin/python bench/rerun_bench.py [N]       (default 100000)
 
 Prints the first (full) encode time and the rerun time, and checks that the rerun rewrote no shard; then the
-peak RSS of `featstore encode` (its own process) over N/10 and over N of the files, first encode and unchanged
-rerun, to show how much of encode's memory grows with the dataset. The files lie in folders of 1,000 (a folder
+peak RSS of `featstore encode` (its own process) over N/10 and over N of the files, first encode, unchanged
+rerun and a rerun after every file changed, to show how much of encode's memory grows with the dataset. The files lie in folders of 1,000 (a folder
 walk holds one folder's entries at a time) and the sizes are folder sources, not manifests: a manifest is read
 and sorted whole, ~0.05 KiB per listed row that is the user's input rather than featstore's state.
 """
 
 import hashlib
+import itertools
 import os
 import sys
 import tempfile
@@ -22,15 +23,27 @@ from featstore.encode import encode  # noqa: E402
 from probe_bench import peak_rss_mib  # noqa: E402
 
 PER_FOLDER = 1000
+SHADES = itertools.count(8)  # each rewrite of the files gives them new bytes
 
 
-def encode_peak_rss(src: str, root: str) -> tuple[float, float]:
-    """Peak RSS (MiB) of a first encode of SRC, then of an unchanged rerun of it; shards of 5,000 rows, so
-    the shard being filled weighs the same at every size and a difference between sizes is what grows per file."""
+def encode_peak_rss(src: str, root: str) -> tuple[float, float, float]:
+    """Peak RSS (MiB) of a first encode of SRC, of an unchanged rerun of it, and of a rerun after every file
+    changed; shards of 5,000 rows, so the shard being filled weighs the same at every size and a difference
+    between sizes is what grows per file."""
     command = [sys.executable, "-m", "featstore", "encode", src, "--store", tempfile.mkdtemp(dir=root),
                "--split", "train", "--model", "random:tiny", "--batch-size", "256", "--workers", "2",
                "--shard-rows", "5000", "--quiet"]
-    return peak_rss_mib(command), peak_rss_mib(command)
+    first, unchanged = peak_rss_mib(command), peak_rss_mib(command)
+    draw_files(src, shade=next(SHADES))
+    return first, unchanged, peak_rss_mib(command)
+
+
+def draw_files(src: str, shade: int) -> None:
+    """(Re)write every PNG under SRC, its colour set by its number and SHADE."""
+    for folder, _, names in os.walk(src):
+        for name in names:
+            i = int(name.split(".")[0])
+            Image.new("RGB", (8, 8), (i % 256, (i // 256) % 256, shade)).save(os.path.join(folder, name))
 
 
 def main() -> None:
@@ -43,12 +56,12 @@ def measure(n: int, root: str) -> None:
     src, small = os.path.join(root, "src"), os.path.join(root, "small")  # SMALL: the first N/10 files, linked
     for i in range(n):
         folder = os.path.join(f"class_{i % 10}", f"{i // (10 * PER_FOLDER):04d}")
-        path = os.path.join(src, folder, f"{i:07d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.new("RGB", (8, 8), (i % 256, (i // 256) % 256, 7)).save(path)
+        os.makedirs(os.path.join(src, folder), exist_ok=True)
+        open(os.path.join(src, folder, f"{i:07d}.png"), "wb").close()
         if i < n // 10:
             os.makedirs(os.path.join(small, folder), exist_ok=True)
-            os.link(path, os.path.join(small, folder, f"{i:07d}.png"))
+            os.link(os.path.join(src, folder, f"{i:07d}.png"), os.path.join(small, folder, f"{i:07d}.png"))
+    draw_files(src, shade=7)  # rewritten in place: SMALL's links see the same bytes
     store = os.path.join(root, "store")
     t0 = time.perf_counter()
     first = encode(src, store, "train", model="random:tiny", batch_size=256, workers=2, progress=False)
@@ -62,7 +75,8 @@ def measure(n: int, root: str) -> None:
     assert digest() == before and again["encoded"] == 0 and again["shards_written"] == 0
     print(f"files {n}: first encode {t1 - t0:.1f}s ({first['img_per_s']} img/s), "
           f"unchanged rerun {t3 - t2:.2f}s (encoded {again['encoded']}, shards rewritten 0)")
-    growth = {"first encode": [], "unchanged rerun": []}  # peaks vary by tens of MiB: alternate sizes
+    # peaks vary by tens of MiB: alternate sizes
+    growth = {"first encode": [], "unchanged rerun": [], "rerun, every file changed": []}
     for _ in range(3):
         small_peaks, large_peaks = encode_peak_rss(small, root), encode_peak_rss(src, root)
         for k, what in enumerate(growth):

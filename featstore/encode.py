@@ -253,7 +253,8 @@ def default_workers(device: torch.device) -> int:
 # ---- writer -------------------------------------------------------------------------------------
 class ShardWriter:
     """Turns encoded batches into committed shards, on one background thread so the model never waits
-    for Parquet; rows of changed items are held back and patched into their old shard at the end."""
+    for Parquet; rows of changed items wait in a spill file and are patched into their old shard at the end
+    (a reader never sees an id twice), so a night that changes every file holds no embedding per file."""
 
     def __init__(self, store: Store, split: str, plan: Plan, label_ids: dict[str, int], shard_rows: int):
         self.store, self.split, self.plan, self.label_ids = store, split, plan, label_ids
@@ -262,7 +263,8 @@ class ShardWriter:
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.failures: dict[str, dict] = {}
-        self.replacements: list[pa.Table] = []
+        self.replacements = os.path.join(store.split_dir(split), f".replace-{uuid.uuid4().hex[:8]}.tmp")
+        self._replacement_sink = None  # an Arrow IPC file, opened at the first changed item
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-writer")
         self.pending: list[concurrent.futures.Future] = []
         self.shards_written = 0
@@ -295,8 +297,10 @@ class ShardWriter:
         table = self.rows(items, embeddings, shas)
         self.encoded += len(items)
         moved = pa.array([it.id in self.plan.old_shard for it in items])
-        if self.plan.old_shard:  # only a rerun replaces rows (an empty table per batch would add up)
-            self.replacements.append(table.filter(moved))
+        if self.plan.old_shard and pc.any(moved).as_py():
+            if self._replacement_sink is None:
+                self._replacement_sink = pa.ipc.new_file(self.replacements, self.schema)
+            self._replacement_sink.write_table(table.filter(moved))
         fresh = table.filter(pc.invert(moved))
         self.buffer.append(fresh)
         self.buffered += fresh.num_rows
@@ -333,20 +337,46 @@ class ShardWriter:
         for future in self.pending:
             future.result()
         self.pool.shutdown()
-        self._patch()
+        try:
+            self._patch()
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the replacement spill (the next writer's ``reconcile`` would, after a crash)."""
+        if self._replacement_sink is not None:
+            self._replacement_sink.close()
+            self._replacement_sink = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.replacements)
+
+    def _spilled_replacements(self) -> pa.Table:
+        """The changed items' new rows, memory-mapped from the spill (read a shard's worth at a time)."""
+        if self._replacement_sink is None:
+            return self.schema.empty_table()
+        self._replacement_sink.close()
+        self._replacement_sink = None
+        return pa.ipc.open_file(pa.memory_map(self.replacements)).read_all()
 
     def _patch(self) -> None:
-        replacements = pa.concat_tables(self.replacements) if self.replacements else self.schema.empty_table()
-        replaced_ids = set(replacements.column("id").to_pylist())
+        replacements = self._spilled_replacements()
+        new_rows_of: dict[str, list[int]] = {}  # old shard -> its replacement rows' numbers in the spill
+        number = 0
+        for batch in replacements.to_batches():
+            for row_id in batch.column(0).to_pylist():
+                new_rows_of.setdefault(self.plan.old_shard[row_id], []).append(number)
+                number += 1
+        changed: dict[str, set[str]] = {}  # shard -> ids whose old row it holds
+        for row_id, shard in self.plan.old_shard.items():
+            changed.setdefault(shard, set()).add(row_id)
         failed = self.store.split_info(self.split)["failed"]
         for shard in sorted(self.plan.shards_to_patch()):
             path = os.path.join(self.store.split_dir(self.split), shard)
             table = pq.read_table(path).cast(self.schema)
-            mine = {i for i, s in self.plan.old_shard.items() if s == shard}
             retouched = self.plan.retouched.get(shard, {})
-            drop = self.plan.removed.get(shard, set()) | mine | set(retouched)
+            drop = self.plan.removed.get(shard, set()) | changed.get(shard, set()) | set(retouched)
             keep = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(drop), pa.string()))))
-            new_rows = replacements.filter(pc.is_in(replacements.column("id"), pa.array(sorted(mine & replaced_ids), pa.string())))
+            new_rows = replacements.take(pa.array(new_rows_of.get(shard, []), pa.int64()))
             touched = self._retouch(table, retouched)
             patched = pa.concat_tables([keep, new_rows, touched])
             for row_id in new_rows.column("id").to_pylist():
@@ -506,14 +536,15 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
 
         with tqdm(src.iter_items(), unit=" files", desc="plan", disable=not progress, file=sys.stderr) as listing:
             plan = make_plan(store, split, listing, src, label_ids)  # long on reruns of many millions of files
+        writer = ShardWriter(store, split, plan, label_ids, shard_rows)
         try:
-            writer = ShardWriter(store, split, plan, label_ids, shard_rows)
             workers = default_workers(clip_model.device) if workers is None else workers
             batch_size = batch_size or default_batch_size(clip_model.device)
             run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
             writer.close()
         finally:
             plan.to_encode.discard()
+            writer.discard()
     seconds = time.perf_counter() - started
     info = store.split_info(split)
     encoded = writer.encoded

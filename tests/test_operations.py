@@ -33,6 +33,13 @@ def shard_fingerprints(store: str) -> dict[str, tuple]:
     return out
 
 
+def shard_names(store: str) -> dict[str, str]:
+    """id -> the shard file holding its row."""
+    folder = os.path.join(store, "images", "split=train")
+    return {row_id: name for name in os.listdir(folder) if name.endswith(".parquet")
+            for row_id in pq.read_table(os.path.join(folder, name), columns=["id"]).column("id").to_pylist()}
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG header announcing a huge image (a decompression bomb) with almost no data."""
     chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
@@ -94,21 +101,28 @@ def test_incremental_runs(tmp_path):
     assert (same["encoded"], same["unchanged"], same["shards_written"]) == (0, 10, 0)
     assert shard_fingerprints(store) == before  # nothing rewritten
 
-    # +new, ~changed, -removed, and a touched file whose bytes did not change
+    # +new, ~changed (in two shards), -removed, and a touched file whose bytes did not change
+    shard_of = shard_names(store)
     draw_image(5, 99).save(src / "square" / "img_new.png")
     draw_image(4, 42).save(src / "circle" / "img_001.png")
+    draw_image(1, 43).save(src / "square" / "img_004.png")
     os.unlink(src / "square" / "img_003.png")
     os.utime(src / "circle" / "img_002.png", ns=(1, 1))
     result = json.loads(featstore("encode", str(src), *args).stdout)
-    assert (result["encoded"], result["replaced"], result["removed"], result["rows"]) == (2, 1, 1, 10)
+    assert (result["encoded"], result["replaced"], result["removed"], result["rows"]) == (3, 2, 1, 10)
+    changed = ["circle/img_001.png", "square/img_004.png"]
+    assert shard_of["circle/img_001.png"] != shard_of["square/img_004.png"]
+    assert all(shard_names(store)[row_id] == shard_of[row_id] for row_id in changed)  # replaced in place
+    assert all(name.endswith(".parquet") for name in os.listdir(os.path.join(store, "images", "split=train")))
 
     rows = store_rows(store, "train")  # asserts no duplicate ids
     expected = sorted(f"{c}/img_{i:03d}.png" for c in ("circle", "square") for i in range(5)) + ["square/img_new.png"]
     expected.remove("square/img_003.png")
     assert sorted(rows) == sorted(expected)
     model = load_model("random:tiny")
-    fresh = model.encode_images(model.preprocess(Image.open(src / "circle" / "img_001.png").convert("RGB"))[None]).numpy()[0]
-    np.testing.assert_allclose(rows["circle/img_001.png"], fresh, rtol=2e-3, atol=2e-3)
+    for row_id in changed:
+        fresh = model.encode_images(model.preprocess(Image.open(src / row_id).convert("RGB"))[None]).numpy()[0]
+        np.testing.assert_allclose(rows[row_id], fresh, rtol=2e-3, atol=2e-3)
     table = pq.read_table(os.path.join(store, "images", "split=train"))
     touched = [r for r in table.to_pylist() if r["id"] == "circle/img_002.png"][0]
     assert touched["mtime_ns"] == 1
