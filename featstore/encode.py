@@ -263,7 +263,7 @@ class ShardWriter:
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.failures: dict[str, dict] = {}
-        self.replacements = os.path.join(store.split_dir(split), f".replace-{uuid.uuid4().hex[:8]}.tmp")
+        self.replacement_spill = os.path.join(store.split_dir(split), f".replace-{uuid.uuid4().hex[:8]}.tmp")
         self._replacement_sink = None  # an Arrow IPC file, opened at the first changed item
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-writer")
         self.pending: list[concurrent.futures.Future] = []
@@ -299,7 +299,7 @@ class ShardWriter:
         moved = pa.array([it.id in self.plan.old_shard for it in items])
         if self.plan.old_shard and pc.any(moved).as_py():
             if self._replacement_sink is None:
-                self._replacement_sink = pa.ipc.new_file(self.replacements, self.schema)
+                self._replacement_sink = pa.ipc.new_file(self.replacement_spill, self.schema)
             self._replacement_sink.write_table(table.filter(moved))
         fresh = table.filter(pc.invert(moved))
         self.buffer.append(fresh)
@@ -348,7 +348,7 @@ class ShardWriter:
             self._replacement_sink.close()
             self._replacement_sink = None
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.replacements)
+            os.unlink(self.replacement_spill)
 
     def _spilled_replacements(self) -> pa.Table:
         """The changed items' new rows, memory-mapped from the spill (read a shard's worth at a time)."""
@@ -356,7 +356,7 @@ class ShardWriter:
             return self.schema.empty_table()
         self._replacement_sink.close()
         self._replacement_sink = None
-        return pa.ipc.open_file(pa.memory_map(self.replacements)).read_all()
+        return pa.ipc.open_file(pa.memory_map(self.replacement_spill)).read_all()
 
     def _patch(self) -> None:
         replacements = self._spilled_replacements()
