@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import time
@@ -196,6 +197,56 @@ def _file_sha256(source, item: Item) -> str | None:
 
 
 # ---- reader -------------------------------------------------------------------------------------
+class ModelBusy:
+    """Raised by the runner around each CPU forward; decode workers wait while it is up.
+
+    A shared flag says whether the model runs, and an eventfd is readable while it does not, so a waiting
+    worker wakes the moment a forward ends (a 20 ms poll cost ~10 ms of every pause, and polling faster
+    slowed the forward). Neither is a lock, so a worker killed while waiting leaves nothing held. Where
+    the eventfd cannot be had (no ``os.eventfd``, or workers that did not inherit it) workers poll.
+    """
+
+    POLL = 0.02
+
+    def __init__(self):
+        self.flag = multiprocessing.RawValue(ctypes.c_bool, False)
+        self.idle = os.eventfd(1, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if hasattr(os, "eventfd") else None
+
+    def __enter__(self):
+        self.flag.value = True
+        if self.idle is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.idle)  # no longer readable: waiting workers sleep
+        return self
+
+    def __exit__(self, *exc):
+        self.flag.value = False
+        if self.idle is not None:
+            os.eventfd_write(self.idle, 1)  # readable: waiting workers wake
+
+    @property
+    def up(self) -> bool:
+        return self.flag.value
+
+    def wait(self, timeout: float) -> None:
+        """Until the flag may be down, or TIMEOUT seconds (the caller checks again either way)."""
+        if self.idle is None:
+            time.sleep(self.POLL)
+            return
+        try:
+            select.select([self.idle], [], [], timeout)
+        except (OSError, ValueError):  # the descriptor is not this process's: poll instead
+            self.idle = None
+
+    def close(self) -> None:
+        if self.idle is not None:
+            os.close(self.idle)
+            self.idle = None
+
+    def __getstate__(self) -> dict:  # a spawned worker does not have the descriptor: it polls
+        return {**self.__dict__, "idle": None}
+
+
 class ItemDataset(Dataset):
     """Reads, hashes and preprocesses ``items[start + i]``; a bad file yields its error instead of a tensor.
 
@@ -211,12 +262,10 @@ class ItemDataset(Dataset):
         return len(self.items) - self.start
 
     def _wait_for_the_model(self) -> None:
-        """Poll the flag (a lock could be left held by a worker killed while waiting on it) every 20 ms:
-        polling every 2 ms still slowed fp32 forwards by ~10 %, each wake-up preempting a model thread."""
-        while self.model_busy.value:
+        while self.model_busy.up:
             if os.getpid() != self.runner and os.getppid() != self.runner:
                 os._exit(0)  # a worker whose run was killed: do not outlive it
-            time.sleep(0.02)
+            self.model_busy.wait(0.1)
 
     def __getitem__(self, i: int):
         if self.model_busy is not None:
@@ -446,15 +495,10 @@ def _heap_trimmer():
 TRIM_EVERY = 8  # batches between heap trims (a trim and the page faults after it cost ~ms; a batch ~0.5 s)
 
 
-def _forward(model: ClipModel, pixels: torch.Tensor, model_busy) -> np.ndarray:
+def _forward(model: ClipModel, pixels: torch.Tensor, model_busy: ModelBusy | None) -> np.ndarray:
     """The mapper; MODEL_BUSY, when there is one, is raised while it runs."""
-    if model_busy is not None:
-        model_busy.value = True
-    try:
+    with model_busy or contextlib.nullcontext():
         return model.encode_images(pixels).numpy()
-    finally:
-        if model_busy is not None:
-            model_busy.value = False
 
 
 def run_pipeline(model: ClipModel, source, items, writer: ShardWriter, batch_size: int, workers: int,
@@ -468,10 +512,11 @@ def run_pipeline(model: ClipModel, source, items, writer: ShardWriter, batch_siz
 
     trim_heap, batches = _heap_trimmer(), 0
     # with CPU workers, decoding fills the model's pauses instead of competing with its threads (see ItemDataset)
-    model_busy = multiprocessing.RawValue(ctypes.c_bool, False) if model.device.type == "cpu" and workers else None
+    model_busy = ModelBusy() if model.device.type == "cpu" and workers else None
     window = batch_size * max(1, workers) * 4  # what was in flight when a worker died
     done = isolate_until = 0  # batches arrive in order, so items[:done] are written or recorded as failed
-    with tqdm(total=len(items), unit="img", desc="encode", disable=not progress, file=sys.stderr) as bar:
+    closing = contextlib.closing(model_busy) if model_busy is not None else contextlib.nullcontext()
+    with closing, tqdm(total=len(items), unit="img", desc="encode", disable=not progress, file=sys.stderr) as bar:
         while done < len(items):
             start, isolating = done, done < isolate_until
             loader = _batches(model, source, items, start, 1 if isolating else batch_size,

@@ -90,26 +90,26 @@ def test_listings_walk_in_step_with_stored_rows(tmp_path, monkeypatch):
 
 
 def test_cpu_decoding_waits_while_the_model_runs(tmp_path):
-    """On CPU a worker starts an item only while the runner's model_busy flag is down."""
-    import ctypes
-    import multiprocessing
+    """On CPU a worker starts an item only while the runner's ModelBusy is down, waking when it drops."""
     import threading
 
-    from featstore.encode import ItemDataset
+    from featstore.encode import ItemDataset, ModelBusy
     from featstore.sources import FolderSource
 
     draw_image(0, 0).save(tmp_path / "one.png")
     source = FolderSource(str(tmp_path))
-    busy = multiprocessing.RawValue(ctypes.c_bool, True)
+    busy = ModelBusy()
     dataset = ItemDataset(source, list(source.iter_items()), _transform(32), model_busy=busy)
     got = []
-    reader = threading.Thread(target=lambda: got.append(dataset[0]))
-    reader.start()
-    reader.join(0.3)
-    assert reader.is_alive() and not got  # held while the model is busy
-    busy.value = False
-    reader.join(10)
-    assert got and got[0][1].shape == (3, 32, 32) and got[0][3] is None
+    for _ in range(2):  # the second forward must hold the worker again
+        with busy:
+            reader = threading.Thread(target=lambda: got.append(dataset[0]))
+            reader.start()
+            reader.join(0.3)
+            assert reader.is_alive() and not got  # held while the model is busy
+        reader.join(10)
+        assert got and got.pop()[1].shape == (3, 32, 32)
+    busy.close()
 
 
 def test_flat_folder_is_unlabelled_and_modes_become_rgb(tmp_path):
