@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from featstore.errors import FeatstoreError
+from featstore.store import sort_by_id
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 PLAN_BATCH = 4096  # items listed, planned or spilled per batch (~1 MiB of Items)
@@ -139,7 +140,7 @@ class ManifestSource(FolderSource):
                                 for chunk in paths.chunks], pa.string())
         labels = pc.if_else(pc.equal(labels, ""), pa.scalar(None, pa.string()), labels)
         rows = pa.table({"id": ids, "label": labels})
-        rows = rows.take(pc.sort_indices(rows, sort_keys=[("id", "ascending")]))
+        rows = sort_by_id(rows)
         if rows.num_rows > 1:
             ids = rows.column("id")
             same = pc.equal(ids.slice(1), ids.slice(0, rows.num_rows - 1))

@@ -113,6 +113,15 @@ def _reading(split: str) -> Iterator[None]:
         raise FeatstoreError(f"cannot read split {split!r}: {e} (run featstore verify)") from None
 
 
+def sort_by_id(table: pa.Table) -> pa.Table:
+    """TABLE's rows in id order (the order of shards, of ``read_split`` and of a source's listing); a table
+    already in order is returned as it is, not copied."""
+    order = pc.sort_indices(table, sort_keys=[("id", "ascending")])
+    if order.equals(pa.array(np.arange(table.num_rows), order.type)):
+        return table
+    return table.take(order)
+
+
 def _id_range(path: str) -> tuple[str, str]:
     """The lowest and highest id in a shard, from its footer's statistics (or its id column without them)."""
     meta = pq.read_metadata(path)
@@ -150,7 +159,7 @@ def _run_rows(paths: list[str], columns: list[str]) -> Iterator[tuple]:
             batches = reader.iter_batches(batch_size=READ_ROWS, columns=["id", *columns])
         else:
             table = reader.read(columns=["id", *columns])
-            batches = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")])).to_batches(READ_ROWS)
+            batches = sort_by_id(table).to_batches(READ_ROWS)
         for batch in batches:
             row_ids, *values = (column.to_pylist() for column in batch.columns)
             yield from zip(row_ids, [name] * len(row_ids), *values)
@@ -304,9 +313,7 @@ class Store:
         name = name or self.new_shard_name()
         path = os.path.join(folder, name)
         tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        order = pc.sort_indices(table, sort_keys=[("id", "ascending")])
-        if not order.equals(pa.array(np.arange(table.num_rows), order.type)):
-            table = table.take(order)
+        table = sort_by_id(table)
         try:
             pq.write_table(table, tmp, sorting_columns=ID_ORDER)
             with open(tmp, "rb+") as f:
@@ -398,8 +405,7 @@ class Store:
             tables = [table.append_column("shard", pa.array(np.full(table.num_rows, number - 1, np.int32)))
                       .append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
                       for number, table in enumerate(tables)]
-        table = pa.concat_tables(tables)
-        table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+        table = sort_by_id(pa.concat_tables(tables))
         if locate:
             return table.select([*(columns or schema.names), "shard", "row"])
         return table.select(columns) if columns else table
