@@ -136,6 +136,10 @@ def test_state_dict_checkpoint_matches_clip_build_model(checkpoint):
         expected = reference.encode_image(pixels)
     # the last block computes the class token alone: the same arithmetic, so equal up to float rounding
     torch.testing.assert_close(mine.encode_images(pixels), expected, rtol=1e-5, atol=1e-6)
+    # the load skips build_model's random init: every weight must still come from the checkpoint
+    ours, theirs = mine.model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert torch.nn.init.normal_(torch.zeros(256)).std() > 0.5  # and torch's initialisers work again after it
     assert mine.identity["architecture"] == "tiny" and mine.identity["dim"] == 64
     assert len(mine.identity["sha256"]) == 64 and mine.identity["random_weights"] is False
 
