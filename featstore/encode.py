@@ -1,11 +1,12 @@
 """``featstore encode``: plan → reader → mapper → writer, driven by ``encode``.
 
-- plan: walk the source's listing and the split's rows together in id order, comparing fingerprints; only
-  new or changed items are read, and they wait in a spill file, so memory does not grow with the source.
+- plan (``featstore.plan``): walk the source's listing and the split's rows together in id order; only new or
+  changed items are read, and they and the rows to change wait in spill files, so memory grows with neither
+  the source nor the night's changes.
 - reader: a torch DataLoader whose workers read, hash and preprocess images (bad files become failures).
 - mapper: the model's ``encode_image`` (raw, unnormalised outputs).
 - writer: buffers rows and commits shards on a background thread, then patches shards whose rows
-  changed or vanished, each by an atomic replace.
+  changed or vanished, each by an atomic replace, one shard's changes at a time.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import heapq
+import itertools
 import multiprocessing
 import os
 import select
 import signal
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,167 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 from featstore.errors import FeatstoreError
 from featstore.identity import describe, same_model
 from featstore.models import DEFAULT_MODEL, ClipModel, load_model
-from featstore.sources import PLAN_BATCH, Item, open_source
-from featstore.store import DTYPES, Store, check_split_name, shard_schema
+from featstore.plan import CHANGED, REMOVED, RETOUCHED, Plan, Spill, make_plan
+from featstore.sources import Item, open_source
+from featstore.store import DTYPES, Store, check_split_name, id_range, shard_schema
 
 DEFAULT_SHARD_ROWS = 50_000
-
-
-# ---- plan ---------------------------------------------------------------------------------------
-class SpilledItems:
-    """The items a run must encode, spilled to an Arrow IPC file as the plan finds them and read back a
-    batch at a time (in each process that reads them): a run holds a few batches of Items, not one per file.
-
-    The file lives in the split's folder as ``.plan-*.tmp``, which plain Parquet readers skip and the next
-    writer's ``reconcile`` removes if a crash left it."""
-
-    SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string()),
-                        ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", pa.string())])
-
-    def __init__(self, folder: str):
-        os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, f".plan-{uuid.uuid4().hex[:8]}.tmp")
-        self._sink = pa.ipc.new_file(self.path, self.SCHEMA)
-        self._pending: list[Item] = []
-        self._count = 0
-        self._reader = self._pid = None
-        self._cached: tuple[int, list[Item]] = (-1, [])
-
-    def append(self, item: Item) -> None:
-        self._pending.append(item)
-        self._count += 1
-        if len(self._pending) == PLAN_BATCH:
-            self._flush()
-
-    def _flush(self) -> None:
-        columns = zip(*((it.id, it.path, it.label, it.size, it.mtime_ns, it.sha256) for it in self._pending))
-        self._sink.write_batch(pa.record_batch(list(map(list, columns)), schema=self.SCHEMA))
-        self._pending = []
-
-    def close(self) -> None:
-        """No more items: what follows reads."""
-        if self._pending:
-            self._flush()
-        self._sink.close()
-
-    def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, i: int) -> Item:
-        number, offset = divmod(i, PLAN_BATCH)
-        if self._cached[0] != number:
-            if self._pid != os.getpid():  # a forked DataLoader worker opens its own reader
-                self._reader, self._pid = pa.ipc.open_file(pa.OSFile(self.path)), os.getpid()
-            rows = self._reader.get_batch(number).to_pydict()
-            self._cached = (number, [Item(*row) for row in zip(*rows.values())])
-        return self._cached[1][offset]
-
-    def __getstate__(self) -> dict:  # spawned workers (not forked) get a reader of their own too
-        return {**self.__dict__, "_sink": None, "_reader": None, "_pid": None, "_cached": (-1, [])}
-
-
-@dataclass
-class Plan:
-    """What a run must do to make the split equal to the source."""
-
-    to_encode: SpilledItems | list[Item] = field(default_factory=list)
-    unchanged: int = 0
-    kept_failures: int = 0
-    old_shard: dict[str, str] = field(default_factory=dict)  # changed id -> shard holding its old row
-    removed: dict[str, set[str]] = field(default_factory=dict)  # shard -> ids gone from the source
-    retouched: dict[str, dict[str, Item]] = field(default_factory=dict)  # same bytes, new fingerprint
-
-    def shards_to_patch(self) -> set[str]:
-        return set(self.old_shard.values()) | set(self.removed) | set(self.retouched)
-
-
-def stored_rows(store: Store, split: str, hashes: bool) -> Iterator[tuple]:
-    """(id, shard, size, mtime_ns, sha256 or None without HASHES, label) of every stored row of the split,
-    in id order, streamed from the shards (``Store.iter_rows``); the sha256 column is read only when the
-    source lists hashes (archives)."""
-    if hashes:
-        return store.iter_rows(split, ["size", "mtime_ns", "sha256", "label"])
-    return ((row_id, shard, size, mtime_ns, None, label)
-            for row_id, shard, size, mtime_ns, label in store.iter_rows(split, ["size", "mtime_ns", "label"]))
-
-
-def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids: dict[str, int]) -> Plan:
-    """Walk the source's items and the split's stored rows together, both in id order, sorting each item
-    into new, changed, re-fingerprinted or unchanged, and each row no item matched into removed. Files whose
-    size or mtime changed are hashed after the walk, against their shard's stored sha256."""
-    plan = Plan(to_encode=SpilledItems(store.split_dir(split)))
-    failed = store.split_info(split)["failed"]
-    listed_failures = set()
-    suspects: dict[str, dict[str, Item]] = {}  # shard -> items whose fingerprint changed
-    previous = None
-    try:
-        rows = stored_rows(store, split, source.lists_hashes)
-        row = next(rows, None)
-        for item in items:
-            if previous is not None and item.id <= previous:
-                raise FeatstoreError(f"source {source.spec} lists {item.id!r} " + ("twice" if item.id == previous else "out of order"))
-            previous = item.id
-            while row is not None and row[0] < item.id:
-                plan.removed.setdefault(row[1], set()).add(row[0])
-                row = next(rows, None)
-            if item.id in failed:
-                listed_failures.add(item.id)
-            if row is None or row[0] != item.id:
-                record = failed.get(item.id)
-                if record and (record["size"], record["mtime_ns"], record.get("sha256")) == (item.size, item.mtime_ns, item.sha256):
-                    plan.kept_failures += 1  # retried only once the file changes
-                else:
-                    plan.to_encode.append(item)
-                continue
-            (_, shard, size, mtime_ns, sha, old_label), row = row, next(rows, None)
-            if item.sha256 is None and (size, mtime_ns) != (item.size, item.mtime_ns):
-                suspects.setdefault(shard, {})[item.id] = item
-                continue
-            same = item.sha256 == sha if item.sha256 is not None else True
-            label = label_ids.get(item.label) if item.label is not None else None
-            _sort_matched(plan, item, shard, same_bytes=same, same_fingerprint=same, same_label=label == old_label)
-        while row is not None:
-            plan.removed.setdefault(row[1], set()).add(row[0])
-            row = next(rows, None)
-        for shard, group in suspects.items():
-            stored = pq.read_table(os.path.join(store.split_dir(split), shard), columns=["id", "sha256"])
-            for row_id, sha in zip(*(column.to_pylist() for column in stored.columns)):
-                if row_id in group:
-                    item = group[row_id]
-                    same = _file_sha256(source, item) == sha
-                    _sort_matched(plan, item, shard, same_bytes=same, same_fingerprint=False, same_label=True)
-        for row_id in [r for r in failed if r not in listed_failures]:
-            del failed[row_id]
-    except BaseException:
-        plan.to_encode.close()
-        plan.to_encode.discard()
-        raise
-    plan.to_encode.close()
-    return plan
-
-
-def _sort_matched(plan: Plan, item: Item, shard: str, same_bytes: bool, same_fingerprint: bool, same_label: bool) -> None:
-    """An item that has a stored row: re-encode it, update the row's metadata, or leave it."""
-    if not same_bytes:
-        plan.to_encode.append(item)
-        plan.old_shard[item.id] = shard
-    elif not same_fingerprint or not same_label:
-        plan.retouched.setdefault(shard, {})[item.id] = item
-    else:
-        plan.unchanged += 1
-
-
-def _file_sha256(source, item: Item) -> str | None:
-    import hashlib
-
-    try:
-        return hashlib.sha256(source.read(item)).hexdigest()
-    except OSError:
-        return None
 
 
 # ---- reader -------------------------------------------------------------------------------------
@@ -300,10 +146,22 @@ def default_workers(device: torch.device) -> int:
 
 
 # ---- writer -------------------------------------------------------------------------------------
+@dataclass
+class _ShardChanges:
+    """What the patch does to one shard: ids whose old row goes, rows of the replacement spill that come in,
+    and new (path, label, size, mtime_ns) of rows that stay."""
+
+    drop: list[str] = field(default_factory=list)
+    new_rows: list[int] = field(default_factory=list)
+    retouched: dict[str, tuple] = field(default_factory=dict)
+
+
 class ShardWriter:
     """Turns encoded batches into committed shards, on one background thread so the model never waits
-    for Parquet; rows of changed items wait in a spill file and are patched into their old shard at the end
-    (a reader never sees an id twice), so a night that changes every file holds no embedding per file."""
+    for Parquet. Rows of changed items wait in a spill file and are patched into their old shard at the end
+    (a reader never sees an id twice); the patch walks the plan's changes and that spill together in id order
+    and rewrites each shard as soon as the walk has passed its last id, holding one shard's changes at a time
+    (one per sorted run of shards)."""
 
     def __init__(self, store: Store, split: str, plan: Plan, label_ids: dict[str, int], shard_rows: int):
         self.store, self.split, self.plan, self.label_ids = store, split, plan, label_ids
@@ -312,8 +170,9 @@ class ShardWriter:
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.failures: dict[str, dict] = {}
-        self.replacement_spill = os.path.join(store.split_dir(split), f".replace-{uuid.uuid4().hex[:8]}.tmp")
-        self._replacement_sink = None  # an Arrow IPC file, opened at the first changed item
+        self.replacements = Spill(store.split_dir(split), "replace", self.schema)
+        self._changed = (row[0] for row in plan.changes if row[2] == CHANGED)  # ids, in id order
+        self._next_changed = next(self._changed, None)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-writer")
         self.pending: list[concurrent.futures.Future] = []
         self.shards_written = 0
@@ -338,6 +197,7 @@ class ShardWriter:
         )
 
     def add(self, items: list[Item], embeddings: np.ndarray, shas: list[str], failures: list[tuple[Item, str]]) -> None:
+        """Rows of encoded ITEMS, which come in id order (the plan's order)."""
         for item, reason in failures:
             self.failures[item.id] = {"path": item.path, "reason": reason, "size": item.size,
                                       "mtime_ns": item.mtime_ns, "sha256": item.sha256}
@@ -345,19 +205,27 @@ class ShardWriter:
             return
         table = self.rows(items, embeddings, shas)
         self.encoded += len(items)
-        moved = pa.array([it.id in self.plan.old_shard for it in items])
-        if self.plan.old_shard and pc.any(moved).as_py():
-            if self._replacement_sink is None:
-                self._replacement_sink = pa.ipc.new_file(self.replacement_spill, self.schema)
-            self._replacement_sink.write_table(table.filter(moved))
-        fresh = table.filter(pc.invert(moved))
-        self.buffer.append(fresh)
-        self.buffered += fresh.num_rows
+        moved = self._replacing(items)
+        if any(moved):
+            moved = pa.array(moved)
+            self.replacements.write(table.filter(moved))
+            table = table.filter(pc.invert(moved))
+        self.buffer.append(table)
+        self.buffered += table.num_rows
         while self.buffered >= self.shard_rows:
             whole = pa.concat_tables(self.buffer)
             self._submit(whole.slice(0, self.shard_rows))
             rest = whole.slice(self.shard_rows)
             self.buffer, self.buffered = [rest], rest.num_rows
+
+    def _replacing(self, items: list[Item]) -> list[bool]:
+        """Whether each item replaces a stored row: a merge with the plan's CHANGED ids, both in id order."""
+        flags = []
+        for item in items:
+            while self._next_changed is not None and self._next_changed < item.id:
+                self._next_changed = next(self._changed, None)
+            flags.append(item.id == self._next_changed)
+        return flags
 
     def _submit(self, table: pa.Table) -> None:
         failures, self.failures = self.failures, {}
@@ -387,65 +255,66 @@ class ShardWriter:
             future.result()
         self.pool.shutdown()
         try:
+            self.replacements.close()
             self._patch()
         finally:
             self.discard()
 
     def discard(self) -> None:
         """Remove the replacement spill (the next writer's ``reconcile`` would, after a crash)."""
-        if self._replacement_sink is not None:
-            self._replacement_sink.close()
-            self._replacement_sink = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.replacement_spill)
-
-    def _spilled_replacements(self) -> pa.Table:
-        """The changed items' new rows, memory-mapped from the spill (read a shard's worth at a time)."""
-        if self._replacement_sink is None:
-            return self.schema.empty_table()
-        self._replacement_sink.close()
-        self._replacement_sink = None
-        return pa.ipc.open_file(pa.memory_map(self.replacement_spill)).read_all()
+        self.replacements.discard()
 
     def _patch(self) -> None:
-        replacements = self._spilled_replacements()
-        new_rows_of: dict[str, list[int]] = {}  # old shard -> its replacement rows' numbers in the spill
-        number = 0
-        for batch in replacements.to_batches():
-            for row_id in batch.column(0).to_pylist():
-                new_rows_of.setdefault(self.plan.old_shard[row_id], []).append(number)
-                number += 1
-        changed: dict[str, set[str]] = {}  # shard -> ids whose old row it holds
-        for row_id, shard in self.plan.old_shard.items():
-            changed.setdefault(shard, set()).add(row_id)
-        failed = self.store.split_info(self.split)["failed"]
-        for shard in sorted(self.plan.shards_to_patch()):
-            path = os.path.join(self.store.split_dir(self.split), shard)
-            table = pq.read_table(path).cast(self.schema)
-            retouched = self.plan.retouched.get(shard, {})
-            drop = self.plan.removed.get(shard, set()) | changed.get(shard, set()) | set(retouched)
-            keep = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(drop), pa.string()))))
-            new_rows = replacements.take(pa.array(new_rows_of.get(shard, []), pa.int64()))
-            touched = self._retouch(table, retouched)
-            patched = pa.concat_tables([keep, new_rows, touched])
-            for row_id in new_rows.column("id").to_pylist():
-                failed.pop(row_id, None)
-            if patched.num_rows:
-                self.store.write_shard(self.split, patched, name=shard)
-            else:
-                self.store.delete_shard(self.split, shard)
+        if not len(self.plan.changes):
+            return
+        replacements = self.replacements.table()  # memory-mapped; a shard's rows are taken at a time
+        replacement_ids = enumerate(itertools.chain.from_iterable(
+            batch.column(0).to_pylist() for batch in replacements.to_batches()))
+        replacement = next(replacement_ids, None)
+        folder = self.store.split_dir(self.split)
+        pending: dict[str, _ShardChanges] = {}
+        ends: list[tuple[str, str]] = []  # (highest id, shard) of the shards in PENDING, a heap
+        for row_id, shard, change, *fields in self.plan.changes:
+            while ends and ends[0][0] < row_id:  # no later change can be in that shard
+                self._patch_shard(heapq.heappop(ends)[1], pending, replacements)
+            if shard not in pending:
+                pending[shard] = _ShardChanges()
+                heapq.heappush(ends, (id_range(os.path.join(folder, shard))[1], shard))
+            changes = pending[shard]
+            changes.drop.append(row_id)
+            if change == RETOUCHED:
+                changes.retouched[row_id] = tuple(fields)
+            elif change == CHANGED:
+                while replacement is not None and replacement[1] < row_id:
+                    replacement = next(replacement_ids, None)
+                if replacement is not None and replacement[1] == row_id:  # else it failed to decode
+                    changes.new_rows.append(replacement[0])
+        while ends:
+            self._patch_shard(heapq.heappop(ends)[1], pending, replacements)
         self.store.save()
 
-    def _retouch(self, table: pa.Table, items: dict[str, Item]) -> pa.Table:
-        """Old rows with the new fingerprint and label of files whose bytes did not change."""
-        if not items:
-            return self.schema.empty_table()
-        rows = table.filter(pc.is_in(table.column("id"), pa.array(sorted(items), pa.string()))).to_pylist()
-        for row in rows:
-            item = items[row["id"]]
-            row.update(size=item.size, mtime_ns=item.mtime_ns, path=item.path,
-                       label=self.label_ids.get(item.label) if item.label is not None else None)
-        return pa.Table.from_pylist(rows, schema=self.schema)
+    def _patch_shard(self, shard: str, pending: dict[str, _ShardChanges], replacements: pa.Table) -> None:
+        changes = pending.pop(shard)
+        table = pq.read_table(os.path.join(self.store.split_dir(self.split), shard)).cast(self.schema)
+        keep = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(changes.drop, pa.string()))))
+        new_rows = replacements.take(pa.array(changes.new_rows, pa.int64()))
+        patched = pa.concat_tables([keep, new_rows, self._retouch(table, changes.retouched)])
+        failed = self.store.split_info(self.split)["failed"]
+        for row_id in new_rows.column("id").to_pylist():
+            failed.pop(row_id, None)
+        if patched.num_rows:
+            self.store.write_shard(self.split, patched, name=shard)
+        else:
+            self.store.delete_shard(self.split, shard)
+
+    def _retouch(self, table: pa.Table, retouched: dict[str, tuple]) -> pa.Table:
+        """Old rows with the new path, label and fingerprint of files whose bytes did not change."""
+        rows = table.filter(pc.is_in(table.column("id"), pa.array(list(retouched), pa.string())))
+        values = zip(*(retouched[row_id] for row_id in rows.column("id").to_pylist()))
+        for name, column in zip(("path", "label", "size", "mtime_ns"), values):
+            index = self.schema.get_field_index(name)
+            rows = rows.set_column(index, self.schema.field(index), pa.array(column, self.schema.field(index).type))
+        return rows
 
 
 # ---- runner -------------------------------------------------------------------------------------
@@ -588,7 +457,7 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
             run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
             writer.close()
         finally:
-            plan.to_encode.discard()
+            plan.discard()
             writer.discard()
     seconds = time.perf_counter() - started
     info = store.split_info(split)
@@ -600,9 +469,9 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         "random_weights": bool(store.manifest["model"].get("random_weights")),
         "rows": sum(r["rows"] for r in info["shards"].values()),
         "encoded": encoded,
-        "replaced": len(plan.old_shard),
+        "replaced": plan.counts[CHANGED],
         "unchanged": plan.unchanged,
-        "removed": sum(len(v) for v in plan.removed.values()),
+        "removed": plan.counts[REMOVED],
         "failed": len(info["failed"]),
         "new_failures": len(plan.to_encode) - encoded,
         "shards": len(info["shards"]),

@@ -122,7 +122,7 @@ def sort_by_id(table: pa.Table) -> pa.Table:
     return table.take(order)
 
 
-def _id_range(path: str) -> tuple[str, str]:
+def id_range(path: str) -> tuple[str, str]:
     """The lowest and highest id in a shard, from its footer's statistics (or its id column without them)."""
     meta = pq.read_metadata(path)
     stats = [meta.row_group(i).column(0).statistics for i in range(meta.num_row_groups)]
@@ -419,7 +419,7 @@ class Store:
         written before shards were sorted is sorted in memory when its turn comes.
         """
         with _reading(split):
-            runs = _sorted_runs([(*_id_range(path), path) for path in self.shard_paths(split)])
+            runs = _sorted_runs([(*id_range(path), path) for path in self.shard_paths(split)])
             yield from heapq.merge(*(_run_rows(run, columns) for run in runs), key=lambda row: row[0])
 
     def fill_embeddings(self, split: str, shard: np.ndarray, row: np.ndarray, out: np.ndarray) -> None:

@@ -137,6 +137,54 @@ def test_incremental_runs(tmp_path):
     assert empty["rows"] == 0 and not os.listdir(os.path.join(store, "images", "split=train"))
 
 
+def test_changes_across_interleaved_runs_patch_one_shard_per_run_at_a_time(tmp_path, monkeypatch):
+    """Two encodes whose ids interleave leave two sorted runs of shards. A night that changes, touches and
+    removes files in both is patched by walking the plan's changes in id order: every row lands in its old
+    shard, and the patch never holds more shards' changes than there are runs."""
+    import featstore.encode
+    import featstore.plan
+
+    monkeypatch.setattr(featstore.plan, "PLAN_BATCH", 3)  # spills written and read back across batches
+    src, store = tmp_path / "src", str(tmp_path / "store")
+    src.mkdir()
+    run = lambda: encode(str(src), store, "train", model="random:tiny", batch_size=4, workers=0,  # noqa: E731
+                         shard_rows=4, progress=False)
+    for parity in (0, 1):  # even ids first, then the odd ids between them
+        for i in range(parity, 24, 2):
+            draw_image(i % 3, i).save(src / f"img_{i:03d}.png")
+        run()
+    shard_of = shard_names(store)
+    assert len(set(shard_of.values())) == 6
+
+    held = []
+    patch_shard = featstore.encode.ShardWriter._patch_shard
+    monkeypatch.setattr(featstore.encode.ShardWriter, "_patch_shard",
+                        lambda self, shard, pending, replacements: (held.append(len(pending)), patch_shard(self, shard, pending, replacements)))
+    changed, touched, removed = ["img_001.png", "img_002.png", "img_013.png", "img_022.png"], ["img_005.png", "img_010.png"], ["img_006.png", "img_019.png"]
+    for name in changed:
+        draw_image(0, 1000 + int(name[4:7])).save(src / name)
+    for name in touched:
+        os.utime(src / name, ns=(7, 7))
+    for name in removed:
+        os.unlink(src / name)
+    result = run()
+    assert (result["encoded"], result["replaced"], result["removed"], result["rows"]) == (4, 4, 2, 22)
+    assert len(held) == 6 and max(held) <= 2, held  # every shard patched, at most one per run pending
+
+    rows = store_rows(store, "train")  # no duplicate ids
+    assert sorted(rows) == sorted(set(shard_of) - set(removed))
+    assert all(shard_names(store)[row_id] == shard_of[row_id] for row_id in changed + touched)
+    model = load_model("random:tiny")
+    for row_id in changed:
+        fresh = model.encode_images(model.preprocess(Image.open(src / row_id).convert("RGB"))[None]).numpy()[0]
+        np.testing.assert_allclose(rows[row_id], fresh, rtol=2e-3, atol=2e-3)
+    table = pq.read_table(os.path.join(store, "images", "split=train")).to_pylist()
+    assert sorted(r["id"] for r in table if r["mtime_ns"] == 7) == touched
+    assert all(name.endswith(".parquet") for name in os.listdir(os.path.join(store, "images", "split=train")))
+    again = run()
+    assert (again["encoded"], again["unchanged"], again["shards_written"]) == (0, 22, 0)
+
+
 def test_sigkill_twice_then_resume(tmp_path, slow_source, uninterrupted):
     store = str(tmp_path / "store")
     kill_when(start_encode(slow_source, store), lambda: committed_shards(store, "train") >= 1)
@@ -205,7 +253,7 @@ def test_a_dying_worker_loses_nothing(tmp_path):
 def test_a_file_that_kills_its_decoder_is_isolated_and_recorded(tmp_path, monkeypatch):
     """A decoder that crashes (segfault, OOM kill) takes its worker process with it: the run goes on, reads
     the items near the death one at a time, and records the one file that kills its reader as a failure."""
-    import featstore.encode
+    import featstore.plan
     import featstore.sources
 
     source = tmp_path / "src"
@@ -219,7 +267,7 @@ def test_a_file_that_kills_its_decoder_is_isolated_and_recorded(tmp_path, monkey
         return decode(data)
 
     monkeypatch.setattr(featstore.sources, "decode_image", crashing_decode)
-    monkeypatch.setattr(featstore.encode, "PLAN_BATCH", 5)  # the spilled plan is read back across batches
+    monkeypatch.setattr(featstore.plan, "PLAN_BATCH", 5)  # the spilled plan is read back across batches
     store = str(tmp_path / "store")
     result = encode(str(source), store, "train", model="random:tiny", batch_size=4, workers=2, progress=False)
     assert (result["rows"], result["failed"]) == (23, 1)

@@ -61,16 +61,26 @@ def test_manifest_sources_csv_and_parquet(tmp_path, dataset):
     assert s.read_split("b").column("label").null_count == 6
     assert s.read_split("b").column("path").to_pylist()[0] == "train/circle/img_000.png"  # relative to the manifest
 
+    # a label changed in the manifest: the row keeps its embedding and takes the new label, nothing is encoded
+    before = s.read_split("a")
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label")] + [(os.path.join(dataset, p), "square") for p, _ in rows])
+    relabelled = encode(f"manifest:{tmp_path / 'm.csv'}", store, "a", model="random:tiny", progress=False)
+    assert (relabelled["encoded"], relabelled["unchanged"], relabelled["rows"]) == (0, 3, 6)
+    after = Store.open(store).read_split("a")
+    assert after.column("label").to_pylist() == [1] * 6  # "square"
+    assert after.drop_columns(["label"]).equals(before.drop_columns(["label"]))
+
 
 def test_listings_walk_in_step_with_stored_rows(tmp_path, monkeypatch):
     """Encode walks a listing and the stored rows together, both in id order. Names that sort differently
     as folder entries and as paths ("a b/" < "a-b" < "a/" < "a0/") must still match row for row on a rerun,
     and a manifest in any order lists the same ids."""
-    import featstore.encode
+    import featstore.plan
     import featstore.sources
     import featstore.store
 
-    for module in (featstore.encode, featstore.sources):  # listings, stored rows and the plan in batches of 3
+    for module in (featstore.plan, featstore.sources):  # listings, stored rows and the plan in batches of 3
         monkeypatch.setattr(module, "PLAN_BATCH", 3)
     monkeypatch.setattr(featstore.store, "READ_ROWS", 3)
     src = tmp_path / "src"
