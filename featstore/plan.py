@@ -76,9 +76,10 @@ class Spill:
 
     def __iter__(self) -> Iterator[tuple]:
         """The rows as tuples, in the order they were appended (after ``close``)."""
-        reader = pa.ipc.open_file(pa.OSFile(self.path))
-        for number in range(reader.num_record_batches):
-            yield from zip(*(column.to_pylist() for column in reader.get_batch(number).columns))
+        with pa.OSFile(self.path) as file:
+            reader = pa.ipc.open_file(file)
+            for number in range(reader.num_record_batches):
+                yield from zip(*(column.to_pylist() for column in reader.get_batch(number).columns))
 
     def table(self) -> pa.Table:
         """All rows, memory-mapped from the file (after ``close``): pages are read as they are used."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, draw_image, featstore, write_cifar100
+from conftest import REPO, draw_image, featstore, write_cifar100, write_folder
 
 from featstore.encode import encode
 from featstore.labels import build_labels, resolve_templates
@@ -70,6 +70,42 @@ def test_manifest_sources_csv_and_parquet(tmp_path, dataset):
     after = Store.open(store).read_split("a")
     assert after.column("label").to_pylist() == [1] * 6  # "square"
     assert after.drop_columns(["label"]).equals(before.drop_columns(["label"]))
+
+
+def test_a_long_manifest_is_sorted_in_spilled_runs(tmp_path, monkeypatch):
+    """A manifest longer than one sort run is sorted run by run, the runs spilled to unlinked temp files and
+    merged: the listing is the same as one sort's, and a path listed in two runs is still refused."""
+    import tempfile
+
+    from featstore.errors import FeatstoreError
+    from featstore.sources import ManifestSource
+
+    monkeypatch.setattr(ManifestSource, "SORT_ROWS", 4)
+    monkeypatch.setattr(ManifestSource, "READ_ROWS", 3)  # Parquet batches
+    monkeypatch.setattr(ManifestSource, "READ_BYTES", 64)  # CSV blocks of a few rows
+    spills = tmp_path / "tmp"
+    spills.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spills))
+    names = [f"{c}/img_{i:03d}.png" for c in ("circle", "square") for i in range(7)]
+    write_folder(tmp_path, per_class=7, seed=4, classes=["circle", "square"])
+    order = np.random.default_rng(0).permutation(len(names))
+    rows = [(names[i], names[i].split("/")[0]) for i in order]
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label")] + rows)
+    pq.write_table(pa.table({"path": [p for p, _ in rows], "label": [c for _, c in rows]}), tmp_path / "m.parquet", row_group_size=2)
+    for manifest in ("m.csv", "m.parquet"):
+        source = ManifestSource(str(tmp_path / manifest))
+        assert len(source.runs) >= 3 and not os.listdir(spills)  # all but the last spilled, names already gone
+        items = list(source.iter_items())
+        assert [it.id for it in items] == sorted(names) and source.classes() == ["circle", "square"]
+        assert all(it.label == it.id.split("/")[0] and it.size > 0 for it in items)
+    result = encode(f"manifest:{tmp_path / 'm.csv'}", str(tmp_path / "store"), "m", model="random:tiny", progress=False)
+    assert result["rows"] == 14 and Store.open(str(tmp_path / "store")).read_split("m").column("id").to_pylist() == sorted(names)
+
+    (tmp_path / "twice.csv").write_text("path\n" + "".join(f"{p}\n" for p in [names[0], *names[1:9], names[0]]))
+    source = ManifestSource(str(tmp_path / "twice.csv"))  # the two lines are in different runs
+    with pytest.raises(FeatstoreError, match="lists circle/img_000.png more than once"):
+        list(source.iter_items())
 
 
 def test_listings_walk_in_step_with_stored_rows(tmp_path, monkeypatch):
