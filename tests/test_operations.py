@@ -8,6 +8,8 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
@@ -15,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from conftest import draw_image, featstore, write_folder
+from conftest import REPO, draw_image, featstore, write_folder
 from conftest import SLOW_MODEL
 from test_store import assert_same_store, committed_shards, kill_when, start_encode, store_rows
 
@@ -183,6 +185,30 @@ def test_changes_across_interleaved_runs_patch_one_shard_per_run_at_a_time(tmp_p
     assert all(name.endswith(".parquet") for name in os.listdir(os.path.join(store, "images", "split=train")))
     again = run()
     assert (again["encoded"], again["unchanged"], again["shards_written"]) == (0, 22, 0)
+
+
+def test_a_kill_between_shard_patches_leaves_a_store_the_next_run_finishes(tmp_path):
+    """SIGKILL after the first of three shards was patched: the store stays readable with no id twice, and
+    the next run, which must find the rest of the night's changes again, ends equal to a run never killed."""
+    src, store, reference = tmp_path / "src", str(tmp_path / "store"), str(tmp_path / "reference")
+    write_folder(src, per_class=6, seed=5, classes=["circle", "square"])
+    options = dict(model="random:tiny", batch_size=4, workers=0, shard_rows=4, progress=False)
+    for target in (store, reference):
+        encode(str(src), target, "train", **options)
+    for i, name in enumerate(["circle/img_000.png", "circle/img_005.png", "square/img_004.png"]):  # one per shard
+        draw_image(i, 500 + i).save(src / name)
+    os.unlink(src / "square" / "img_001.png")
+    killed_after_one_patch = (
+        "import os, signal, sys; import featstore.encode as e; patch = e.ShardWriter._patch_shard; "
+        "e.ShardWriter._patch_shard = lambda *a: (patch(*a), os.kill(os.getpid(), signal.SIGKILL)); "
+        f"e.encode(sys.argv[1], sys.argv[2], 'train', **{options!r})")
+    done = subprocess.run([sys.executable, "-c", killed_after_one_patch, str(src), store], cwd=REPO)
+    assert done.returncode == -signal.SIGKILL
+    assert len(store_rows(store, "train")) == 12  # readable, no id twice: 1 shard patched, 2 not yet
+    encode(str(src), reference, "train", **options)
+    rerun = encode(str(src), store, "train", **options)
+    assert (rerun["replaced"], rerun["removed"]) == (2, 1)  # what the killed run had not patched
+    assert_same_store(store, reference)
 
 
 def test_sigkill_twice_then_resume(tmp_path, slow_source, uninterrupted):
