@@ -450,15 +450,14 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
 
         with tqdm(src.iter_items(), unit=" files", desc="plan", disable=not progress, file=sys.stderr) as listing:
             plan = make_plan(store, split, listing, src, label_ids)  # long on reruns of many millions of files
-        writer = ShardWriter(store, split, plan, label_ids, shard_rows)
-        try:
+        with contextlib.ExitStack() as cleanup:  # spill files go however the run ends
+            cleanup.callback(plan.discard)
+            writer = ShardWriter(store, split, plan, label_ids, shard_rows)
+            cleanup.callback(writer.discard)
             workers = default_workers(clip_model.device) if workers is None else workers
             batch_size = batch_size or default_batch_size(clip_model.device)
             run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
             writer.close()
-        finally:
-            plan.discard()
-            writer.discard()
     seconds = time.perf_counter() - started
     info = store.split_info(split)
     encoded = writer.encoded
