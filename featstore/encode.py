@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import ctypes
 import heapq
-import itertools
 import multiprocessing
 import os
 import select
@@ -152,8 +151,14 @@ class _ShardChanges:
     and new (path, label, size, mtime_ns) of rows that stay."""
 
     drop: list[str] = field(default_factory=list)
-    new_rows: list[int] = field(default_factory=list)
+    new_rows: list[tuple[pa.RecordBatch, list[int]]] = field(default_factory=list)  # spill batch, row numbers
     retouched: dict[str, tuple] = field(default_factory=dict)
+
+    def add_new_row(self, batch: pa.RecordBatch, number: int) -> None:
+        if self.new_rows and self.new_rows[-1][0] is batch:
+            self.new_rows[-1][1].append(number)
+        else:
+            self.new_rows.append((batch, [number]))
 
 
 class ShardWriter:
@@ -267,16 +272,15 @@ class ShardWriter:
     def _patch(self) -> None:
         if not len(self.plan.changes):
             return
-        replacements = self.replacements.table()  # memory-mapped; a shard's rows are taken at a time
-        replacement_ids = enumerate(itertools.chain.from_iterable(
-            batch.column(0).to_pylist() for batch in replacements.to_batches()))
-        replacement = next(replacement_ids, None)
+        replacements = ((row_id, batch, number) for batch in self.replacements.batches()  # in id order
+                        for number, row_id in enumerate(batch.column(0).to_pylist()))
+        replacement = next(replacements, None)
         folder = self.store.split_dir(self.split)
         pending: dict[str, _ShardChanges] = {}
         ends: list[tuple[str, str]] = []  # (highest id, shard) of the shards in PENDING, a heap
         for row_id, shard, change, *fields in self.plan.changes:
             while ends and ends[0][0] < row_id:  # no later change can be in that shard
-                self._patch_shard(heapq.heappop(ends)[1], pending, replacements)
+                self._patch_shard(heapq.heappop(ends)[1], pending)
             if shard not in pending:
                 pending[shard] = _ShardChanges()
                 heapq.heappush(ends, (id_range(os.path.join(folder, shard))[1], shard))
@@ -285,19 +289,20 @@ class ShardWriter:
             if change == RETOUCHED:
                 changes.retouched[row_id] = tuple(fields)
             elif change == CHANGED:
-                while replacement is not None and replacement[1] < row_id:
-                    replacement = next(replacement_ids, None)
-                if replacement is not None and replacement[1] == row_id:  # else it failed to decode
-                    changes.new_rows.append(replacement[0])
+                while replacement is not None and replacement[0] < row_id:
+                    replacement = next(replacements, None)
+                if replacement is not None and replacement[0] == row_id:  # else it failed to decode
+                    changes.add_new_row(*replacement[1:])
         while ends:
-            self._patch_shard(heapq.heappop(ends)[1], pending, replacements)
+            self._patch_shard(heapq.heappop(ends)[1], pending)
         self.store.save()
 
-    def _patch_shard(self, shard: str, pending: dict[str, _ShardChanges], replacements: pa.Table) -> None:
+    def _patch_shard(self, shard: str, pending: dict[str, _ShardChanges]) -> None:
         changes = pending.pop(shard)
         table = pq.read_table(os.path.join(self.store.split_dir(self.split), shard)).cast(self.schema)
         keep = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(changes.drop, pa.string()))))
-        new_rows = replacements.take(pa.array(changes.new_rows, pa.int64()))
+        new_rows = pa.Table.from_batches([batch.take(pa.array(numbers, pa.int64())) for batch, numbers in changes.new_rows],
+                                         schema=self.schema)
         patched = pa.concat_tables([keep, new_rows, self._retouch(table, changes.retouched)])
         failed = self.store.split_info(self.split)["failed"]
         for row_id in new_rows.column("id").to_pylist():

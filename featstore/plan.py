@@ -74,16 +74,18 @@ class Spill:
     def __len__(self) -> int:
         return self._count
 
-    def __iter__(self) -> Iterator[tuple]:
-        """The rows as tuples, in the order they were appended (after ``close``)."""
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The rows a record batch at a time, in the order they were appended (after ``close``). Read, not
+        memory-mapped, so pages already passed do not stay resident."""
         with pa.OSFile(self.path) as file:
             reader = pa.ipc.open_file(file)
             for number in range(reader.num_record_batches):
-                yield from zip(*(column.to_pylist() for column in reader.get_batch(number).columns))
+                yield reader.get_batch(number)
 
-    def table(self) -> pa.Table:
-        """All rows, memory-mapped from the file (after ``close``): pages are read as they are used."""
-        return pa.ipc.open_file(pa.memory_map(self.path)).read_all()
+    def __iter__(self) -> Iterator[tuple]:
+        """The rows as tuples."""
+        for batch in self.batches():
+            yield from zip(*(column.to_pylist() for column in batch.columns))
 
 
 class SpilledItems(Spill):

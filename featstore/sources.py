@@ -194,7 +194,7 @@ class ManifestSource(FolderSource):
         try:
             with pa.ipc.new_file(path, table.schema) as sink:
                 sink.write_table(table, max_chunksize=PLAN_BATCH)
-            return pa.ipc.open_file(pa.memory_map(path))
+            return pa.ipc.open_file(pa.OSFile(path))  # read, not mapped: merged pages do not stay resident
         finally:
             os.unlink(path)
 

@@ -161,7 +161,7 @@ def test_changes_across_interleaved_runs_patch_one_shard_per_run_at_a_time(tmp_p
     held = []
     patch_shard = featstore.encode.ShardWriter._patch_shard
     monkeypatch.setattr(featstore.encode.ShardWriter, "_patch_shard",
-                        lambda self, shard, pending, replacements: (held.append(len(pending)), patch_shard(self, shard, pending, replacements)))
+                        lambda self, shard, pending: (held.append(len(pending)), patch_shard(self, shard, pending)))
     changed, touched, removed = ["img_001.png", "img_002.png", "img_013.png", "img_022.png"], ["img_005.png", "img_010.png"], ["img_006.png", "img_019.png"]
     for name in changed:
         draw_image(0, 1000 + int(name[4:7])).save(src / name)
