@@ -132,6 +132,7 @@ class ManifestSource(FolderSource):
             if rows >= self.SORT_ROWS:
                 self.runs.append(self._spill(self._sorted_run(chunk)))
                 chunk, rows = [], 0
+                pa.default_memory_pool().release_unused()  # else the allocator keeps every run's sort
         if chunk or not self.runs:
             self.runs.append(self._sorted_run(chunk))
         labels.discard(None)
