@@ -5,9 +5,9 @@
 Prints the first (full) encode time and the rerun time, and checks that the rerun rewrote no shard; then the
 peak RSS of `featstore encode` (its own process) over N/10 and over N of the files, first encode, unchanged
 rerun, a rerun after every file's bytes changed and one after every file's mtime changed (same bytes, as a
-restore from backup leaves them), to show how much of encode's memory grows with the dataset. The files lie in folders of 1,000 (a folder
-walk holds one folder's entries at a time) and the sizes are folder sources, not manifests: a manifest is read
-and sorted whole, ~0.05 KiB per listed row that is the user's input rather than featstore's state.
+restore from backup leaves them), to show how much of encode's memory grows with the dataset. The files lie
+in folders of 1,000 (a folder walk holds one folder's entries at a time); manifests have their own bench
+(manifest_bench.py).
 """
 
 import hashlib
