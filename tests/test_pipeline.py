@@ -283,3 +283,19 @@ def test_demo_job_runs_offline(tmp_path):
     assert results["encode"]["train"]["rows"] == 64 and results["encode"]["test"]["rows"] == 32
     assert results["query"]["n"] == 32 and 0 <= results["query"]["acc1"] <= 1
     assert results["probe"]["n_test"] == 32 and results["probe"]["acc1"] > 0.5
+
+
+def test_manifest_ids_are_paths_relative_to_the_manifest(tmp_path):
+    """A relative path's id is the path from the manifest's folder, normalised (what os.path.relpath gives),
+    including paths that climb out of the folder; absolute paths stay as given."""
+    from featstore.sources import ManifestSource
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "m.csv").write_text("path\nx.png\n")
+    source = ManifestSource(str(root / "m.csv"))
+    paths = ["a/./b.png", "a//b.png", "./a.png", "a/../b.png", "a/b/", "..foo/a.png", "../x/a.png",
+             "a/../../x.png", f"../{root.name}/y.png", "..", ".", ""]
+    for path in paths:
+        assert source._id(path) == os.path.relpath(os.path.join(str(root), path), str(root)), path
+    assert source._id("/abs//p.png") == "/abs//p.png"
