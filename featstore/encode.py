@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from featstore.errors import FeatstoreError
 from featstore.identity import describe, same_model
 from featstore.models import DEFAULT_MODEL, ClipModel, load_model
-from featstore.plan import CHANGED, REMOVED, RETOUCHED, Plan, Spill, make_plan
+from featstore.plan import CHANGED, REMOVED, RETOUCHED, InOrder, Plan, Spill, make_plan
 from featstore.sources import Item, open_source
 from featstore.store import DTYPES, Store, check_split_name, id_range, shard_schema
 
@@ -176,8 +176,7 @@ class ShardWriter:
         self.buffered = 0
         self.failures: dict[str, dict] = {}
         self.replacements = Spill(store.split_dir(split), "replace", self.schema)
-        self._changed = (row[0] for row in plan.changes if row[2] == CHANGED)  # ids, in id order
-        self._next_changed = next(self._changed, None)
+        self._changed = InOrder(row for row in plan.changes if row[2] == CHANGED)  # in id order
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-writer")
         self.pending: list[concurrent.futures.Future] = []
         self.shards_written = 0
@@ -210,7 +209,7 @@ class ShardWriter:
             return
         table = self.rows(items, embeddings, shas)
         self.encoded += len(items)
-        moved = self._replacing(items)
+        moved = [self._changed.get(item.id) is not None for item in items]  # items replacing a stored row
         if any(moved):
             moved = pa.array(moved)
             self.replacements.write(table.filter(moved))
@@ -222,15 +221,6 @@ class ShardWriter:
             self._submit(whole.slice(0, self.shard_rows))
             rest = whole.slice(self.shard_rows)
             self.buffer, self.buffered = [rest], rest.num_rows
-
-    def _replacing(self, items: list[Item]) -> list[bool]:
-        """Whether each item replaces a stored row: a merge with the plan's CHANGED ids, both in id order."""
-        flags = []
-        for item in items:
-            while self._next_changed is not None and self._next_changed < item.id:
-                self._next_changed = next(self._changed, None)
-            flags.append(item.id == self._next_changed)
-        return flags
 
     def _submit(self, table: pa.Table) -> None:
         failures, self.failures = self.failures, {}
@@ -272,9 +262,8 @@ class ShardWriter:
     def _patch(self) -> None:
         if not len(self.plan.changes):
             return
-        replacements = ((row_id, batch, number) for batch in self.replacements.batches()  # in id order
-                        for number, row_id in enumerate(batch.column(0).to_pylist()))
-        replacement = next(replacements, None)
+        replacements = InOrder((row_id, batch, number) for batch in self.replacements.batches()  # in id order
+                               for number, row_id in enumerate(batch.column(0).to_pylist()))
         folder = self.store.split_dir(self.split)
         pending: dict[str, _ShardChanges] = {}
         ends: list[tuple[str, str]] = []  # (highest id, shard) of the shards in PENDING, a heap
@@ -289,9 +278,8 @@ class ShardWriter:
             if change == RETOUCHED:
                 changes.retouched[row_id] = tuple(fields)
             elif change == CHANGED:
-                while replacement is not None and replacement[0] < row_id:
-                    replacement = next(replacements, None)
-                if replacement is not None and replacement[0] == row_id:  # else it failed to decode
+                replacement = replacements.get(row_id)
+                if replacement is not None:  # else it failed to decode
                     changes.add_new_row(*replacement[1:])
         while ends:
             self._patch_shard(heapq.heappop(ends)[1], pending)

@@ -13,7 +13,7 @@ import hashlib
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 
@@ -140,22 +140,23 @@ class Plan:
                 spill.discard()
 
 
-class _StoredHashes:
-    """The stored sha256 of rows looked up in id order, streamed from the shards only once one is needed
-    (reruns of folder sources read it for files whose size or mtime changed)."""
+class InOrder:
+    """Rows of a stream sorted by their first field, looked up by keys asked in increasing order: a merge, one
+    pass and no index. The stream is started at the first lookup."""
 
-    def __init__(self, store: Store, split: str):
-        self.store, self.split = store, split
-        self._rows: Iterator[tuple] | None = None
+    def __init__(self, rows: Iterable[tuple]):
+        self._rows: Iterator[tuple] | Iterable[tuple] = rows
         self._row: tuple | None = None
+        self._started = False
 
-    def __call__(self, row_id: str) -> str | None:
-        if self._rows is None:
-            self._rows = self.store.iter_rows(self.split, ["sha256"])
+    def get(self, key: str) -> tuple | None:
+        """The row whose first field is KEY, or None; rows before it are passed for good."""
+        if not self._started:
+            self._rows, self._started = iter(self._rows), True
             self._row = next(self._rows, None)
-        while self._row is not None and self._row[0] < row_id:
+        while self._row is not None and self._row[0] < key:
             self._row = next(self._rows, None)
-        return self._row[2] if self._row is not None and self._row[0] == row_id else None
+        return self._row if self._row is not None and self._row[0] == key else None
 
 
 def _stored_rows(store: Store, split: str, hashes: bool) -> Iterator[tuple]:
@@ -175,7 +176,7 @@ def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids
     plan = Plan(to_encode=SpilledItems(folder), changes=Spill(folder, "changes", CHANGES))
     failed = store.split_info(split)["failed"]
     listed_failures = set()
-    stored_hash = _StoredHashes(store, split)
+    stored_hashes = InOrder(store.iter_rows(split, ["sha256"]))  # read only once a fingerprint changed
     previous = None
     try:
         rows = _stored_rows(store, split, source.lists_hashes)
@@ -203,7 +204,8 @@ def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids
             elif (size, mtime_ns) == (item.size, item.mtime_ns):
                 same_bytes = same_fingerprint = True
             else:
-                same_bytes, same_fingerprint = _file_sha256(source, item) == stored_hash(item.id), False
+                stored = stored_hashes.get(item.id)
+                same_bytes, same_fingerprint = _file_sha256(source, item) == (stored[2] if stored else None), False
             if not same_bytes:
                 plan.to_encode.append(item)
                 plan.change(item.id, shard, CHANGED)
