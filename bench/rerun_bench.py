@@ -29,8 +29,8 @@ SHADES = itertools.count(8)  # each rewrite of the files gives them new bytes
 
 def encode_peak_rss(src: str, root: str) -> tuple[float, float, float, float]:
     """Peak RSS (MiB) of a first encode of SRC, of an unchanged rerun of it, of a rerun after every file
-    changed and of one after every file was touched; shards of 5,000 rows, so the shard being filled weighs the same at every size and a difference
-    between sizes is what grows per file."""
+    changed and of one after every file was touched; shards of 5,000 rows, so the shard being filled weighs
+    the same at every size and a difference between sizes is what grows per file."""
     command = [sys.executable, "-m", "featstore", "encode", src, "--store", tempfile.mkdtemp(dir=root),
                "--split", "train", "--model", "random:tiny", "--batch-size", "256", "--workers", "2",
                "--shard-rows", "5000", "--quiet"]
