@@ -80,7 +80,8 @@ def encode(
         typer.echo(
             f"split {result['split']}: {result['rows']} rows in {result['shards']} shards | encoded {result['encoded']} "
             f"(replaced {result['replaced']}), unchanged {result['unchanged']}, removed {result['removed']}, "
-            f"failed {result['failed']} | {result['seconds']:.1f}s, {result['img_per_s'] or 0:.1f} img/s\n"
+            f"failed {result['failed']} | {result['seconds']:.1f}s, {result['img_per_s'] or 0:.1f} img/s"
+            f"{' | compacted %d rows' % result['compacted'] if result['compacted'] else ''}\n"
             f"model {result['model']}"
         )
     if result["failed"]:
@@ -214,6 +215,32 @@ def verify(store: str = typer.Argument(..., help="Store directory"), as_json: bo
         typer.echo("store ok" if not problems else f"{len(problems)} damaged or missing files; run featstore encode to repair")
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def compact(
+    store: str = typer.Argument(..., help="Store directory"),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split (default: every split)"),
+    max_runs: int = typer.Option(1, "--max-runs", help="Sorted runs of shards to leave per split"),
+    shard_rows: int = typer.Option(50_000, "--shard-rows", help="Rows per rewritten Parquet shard"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
+):
+    """Merge each split's sorted runs of shards (one per encode that added ids among stored ones), so that
+    reruns hold fewer read batches; encode does it on its own past 16 runs."""
+    from featstore.compact import compact as run_compact
+
+    result = run_compact(store, split, max_runs=max_runs, shard_rows=shard_rows, progress=not quiet)
+    if as_json:
+        _print_json(result)
+        return
+    for name, s in result["splits"].items():
+        for line in s["repairs"]:
+            typer.echo(f"repaired: {line}", err=True)
+        typer.echo(f"split {name}: sorted runs {s['runs_before']} -> {s['runs']}, rewrote {s['rows_rewritten']} rows, "
+                   f"{s['shards']} shards")
+    typer.echo(f"{result['seconds']:.1f}s")
 
 
 @app.command()

@@ -31,14 +31,13 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from featstore.compact import AUTO_KEEP, AUTO_RUNS, compact_split
 from featstore.errors import FeatstoreError
 from featstore.identity import describe, same_model
 from featstore.models import DEFAULT_MODEL, ClipModel, load_model
 from featstore.plan import CHANGED, REMOVED, RETOUCHED, InOrder, Plan, Spill, make_plan
 from featstore.sources import Item, open_source
-from featstore.store import DTYPES, Store, check_split_name, id_range, shard_schema
-
-DEFAULT_SHARD_ROWS = 50_000
+from featstore.store import DEFAULT_SHARD_ROWS, DTYPES, Store, check_split_name, id_range, shard_schema
 
 
 # ---- reader -------------------------------------------------------------------------------------
@@ -451,6 +450,9 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
             batch_size = batch_size or default_batch_size(clip_model.device)
             run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
             writer.close()
+        compacted = 0
+        if writer.shards_written:  # new shards may have added a sorted run; patches never do
+            compacted = compact_split(store, split, AUTO_KEEP, shard_rows, progress, when_over=AUTO_RUNS)["rows_rewritten"]
     seconds = time.perf_counter() - started
     info = store.split_info(split)
     encoded = writer.encoded
@@ -468,6 +470,7 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         "new_failures": len(plan.to_encode) - encoded,
         "shards": len(info["shards"]),
         "shards_written": writer.shards_written,
+        "compacted": compacted,
         "seconds": round(seconds, 3),
         "img_per_s": round(len(plan.to_encode) / seconds, 2) if seconds > 0 else None,
         "repairs": repairs,

@@ -9,13 +9,15 @@ Layout::
     DIR/.lock                              locked (lockf) by the one writer
 
 A shard becomes visible by an atomic rename of a fully written, fsynced file; rows are replaced or removed
-by atomically replacing the shard file under the same name, so a plain Parquet reader never sees a
-duplicate or a tombstone. The manifest is rewritten (temp file, fsync, rename) after each shard commit;
-a commit cut short by a crash is finished or rolled back by the next writer.
+by atomically replacing the shard file under the same name, and rows move between shards (``compact``) only
+by exchanging the split's whole folder for a rewritten copy, so a plain Parquet reader never sees a
+duplicate or a tombstone. The manifest is rewritten (temp file, fsync, rename) after each commit; a commit
+cut short by a crash is finished or rolled back by the next writer.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -23,6 +25,7 @@ import heapq
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from typing import Any, Iterator
@@ -41,6 +44,9 @@ SHARD_NAME = re.compile(r"^part-[0-9]{6}-[0-9a-f]{8}\.parquet$")
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 ID_ORDER = [pq.SortingColumn(0)]  # every shard is sorted by id (column 0) and says so in its footer
 READ_ROWS = 4096  # rows per record batch when streaming embeddings (8 MiB of float32 at 512 dimensions)
+DEFAULT_SHARD_ROWS = 50_000
+EXCHANGE = "exchange"  # a split's record of a folder exchange in progress (``Store.rewrite_shards``)
+RENAME_EXCHANGE = 2  # renameat2's flag: swap two paths atomically (Linux 3.15+; ext4, xfs, btrfs, tmpfs)
 
 
 def check_split_name(split: str) -> str:
@@ -55,6 +61,14 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no bytes copied), or a copy with the same mtime where links are not allowed."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _fsync_dir(path: str) -> None:
@@ -78,6 +92,28 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(folder)
+
+
+def exchange_folders(a: str, b: str) -> None:
+    """Swap folders A and B in one atomic step (Linux's ``renameat2(RENAME_EXCHANGE)``)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_cwd = -100
+    if renameat2 is None or renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        errno = ctypes.get_errno() if renameat2 is not None else 38
+        raise FeatstoreError(f"cannot swap {b} for its rewritten copy: {os.strerror(errno)} (compaction needs a "
+                             "Linux filesystem with atomic folder exchange: ext4, xfs, btrfs or tmpfs)")
+
+
+def write_parquet(table: pa.Table, path: str) -> dict[str, Any]:
+    """Write TABLE sorted by id (declared in the footer) and fsynced; its manifest record (rows, bytes, sha256)."""
+    table = sort_by_id(table)
+    pq.write_table(table, path, sorting_columns=ID_ORDER)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return {"rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def shard_schema(dim: int, dtype: str, model: dict[str, Any]) -> pa.Schema:
@@ -135,34 +171,43 @@ def id_range(path: str) -> tuple[str, str]:
 
 def _sorted_runs(shards: list[tuple[str, str, str]]) -> list[list[str]]:
     """(low id, high id, path) of shards chained into the fewest runs of shards whose id ranges follow one
-    another (a new shard joins the run that ended earliest, if it ended below the shard's lowest id)."""
+    another. Taken by lowest id, a shard joins the run that ended last below it, so the shards one encode
+    wrote stay one run (which ``compact`` can then weigh and merge as such)."""
     runs: list[list[str]] = []
-    ends: list[tuple[str, int]] = []  # (highest id so far, run number), a heap
+    ends: list[tuple[str, int]] = []  # (highest id so far, run number), sorted
     for low, high, path in sorted(shards):
-        if ends and ends[0][0] < low:
-            number = heapq.heappop(ends)[1]
+        place = bisect.bisect_left(ends, (low,)) - 1  # the last run ending below LOW
+        if place >= 0:
+            number = ends.pop(place)[1]
         else:
             number = len(runs)
             runs.append([])
         runs[number].append(path)
-        heapq.heappush(ends, (high, number))
+        bisect.insort(ends, (high, number))
     return runs
 
 
-def _run_rows(paths: list[str], columns: list[str]) -> Iterator[tuple]:
+def run_batches(paths: list[str], columns: list[str] | None, batch_rows: int = READ_ROWS) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """(shard name, record batch) of a sorted run's shards, in id order (COLUMNS after ``id``; all when None).
+    A shard written before shards were sorted is sorted in memory when its turn comes."""
     for path in paths:
         name = os.path.basename(path)
         reader = pq.ParquetFile(path, buffer_size=1 << 16)
         declared = all(reader.metadata.row_group(i).sorting_columns == tuple(ID_ORDER)
                        for i in range(reader.metadata.num_row_groups))
+        wanted = None if columns is None else ["id", *columns]
         if declared:
-            batches = reader.iter_batches(batch_size=READ_ROWS, columns=["id", *columns])
+            batches = reader.iter_batches(batch_size=batch_rows, columns=wanted)
         else:
-            table = reader.read(columns=["id", *columns])
-            batches = sort_by_id(table).to_batches(READ_ROWS)
+            batches = sort_by_id(reader.read(columns=wanted)).to_batches(batch_rows)
         for batch in batches:
-            row_ids, *values = (column.to_pylist() for column in batch.columns)
-            yield from zip(row_ids, [name] * len(row_ids), *values)
+            yield name, batch
+
+
+def _run_rows(paths: list[str], columns: list[str]) -> Iterator[tuple]:
+    for name, batch in run_batches(paths, columns):
+        row_ids, *values = (column.to_pylist() for column in batch.columns)
+        yield from zip(row_ids, [name] * len(row_ids), *values)
 
 
 class Store:
@@ -294,9 +339,23 @@ class Store:
     def split_dir(self, split: str) -> str:
         return os.path.join(self.root, "images", f"split={check_split_name(split)}")
 
+    def shards(self, split: str) -> dict[str, dict[str, Any]]:
+        """The split's committed shards (name -> record). After a crash between a folder exchange and its
+        record's promotion (``rewrite_shards``), those the exchanged folder holds, so readers need no writer."""
+        info = self.split_info(split)
+        shards = {name: rec for name, rec in info["shards"].items() if "sha256" in rec}
+        pending = info.get(EXCHANGE)
+        if pending and self._exchanged(split, pending):
+            shards = {name: rec for name, rec in shards.items() if name not in pending["dropped"]} | pending["added"]
+        return shards
+
     def shard_paths(self, split: str) -> list[str]:
         folder = self.split_dir(split)
-        return [os.path.join(folder, name) for name, rec in self.split_info(split)["shards"].items() if "sha256" in rec]
+        return [os.path.join(folder, name) for name in self.shards(split)]
+
+    def sorted_runs(self, split: str) -> list[list[str]]:
+        """The split's shard paths chained into sorted runs (shards whose id ranges follow one another)."""
+        return _sorted_runs([(*id_range(path), path) for path in self.shard_paths(split)])
 
     def new_shard_name(self) -> str:
         number = self.manifest["next_shard"]
@@ -313,13 +372,10 @@ class Store:
         name = name or self.new_shard_name()
         path = os.path.join(folder, name)
         tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        table = sort_by_id(table)
         try:
-            pq.write_table(table, tmp, sorting_columns=ID_ORDER)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            written = write_parquet(table, tmp)
             record = self.split_info(split, create=True)["shards"].setdefault(name, {})
-            record["next"] = {"rows": table.num_rows, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
+            record["next"] = written
             self.save()
             os.replace(tmp, path)
         finally:
@@ -329,6 +385,59 @@ class Store:
         record.update(record.pop("next"), mtime_ns=os.stat(path).st_mtime_ns)
         self.save()
         return name
+
+    @contextlib.contextmanager
+    def rewrite_shards(self, split: str, dropped: set[str]) -> Iterator[Any]:
+        """Replace shards DROPPED by the tables written with the yielded ``write(table)``, all at once.
+
+        The new split folder is built beside the store (``.exchange-*``: kept shards hard-linked, new ones
+        written there), recorded in the manifest, then swapped with the split's folder in one atomic exchange,
+        so a plain Parquet reader lists either every old shard or every new one, never a row twice. A crash
+        before the exchange leaves the old split (the next writer removes the copy); one after it leaves the
+        new split, which readers already see and the next writer records (``reconcile``)."""
+        folder = self.split_dir(split)
+        staging = os.path.join(self.root, f".exchange-{split}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staging)
+        added: dict[str, dict[str, Any]] = {}
+
+        def write(table: pa.Table) -> str:
+            name = self.new_shard_name()
+            added[name] = write_parquet(table, os.path.join(staging, name))
+            return name
+
+        try:
+            for name in self.shards(split):
+                if name not in dropped:
+                    _link_or_copy(os.path.join(folder, name), os.path.join(staging, name))
+            yield write
+            _fsync_dir(staging)
+            info = self.split_info(split)
+            info[EXCHANGE] = {"folder": os.path.basename(staging), "added": added, "dropped": sorted(dropped)}
+            self.save()
+            try:
+                exchange_folders(staging, folder)
+            finally:
+                if not self._exchanged(split, info[EXCHANGE]):
+                    del info[EXCHANGE]
+                    self.save()
+            _fsync_dir(os.path.dirname(folder))
+            self._finish_exchange(split)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # the old folder after an exchange, else the copy
+
+    def _exchanged(self, split: str, pending: dict[str, Any]) -> bool:
+        """Whether the recorded exchange happened: the new shards' names (unique) are in the split's folder."""
+        folder = self.split_dir(split)
+        return any(os.path.isfile(os.path.join(folder, name)) for name in pending["added"])
+
+    def _finish_exchange(self, split: str) -> None:
+        info = self.split_info(split)
+        shards = self.shards(split)
+        folder = self.split_dir(split)
+        for name in info.pop(EXCHANGE)["added"]:
+            shards[name]["mtime_ns"] = os.stat(os.path.join(folder, name)).st_mtime_ns
+        info["shards"] = shards
+        self.save()
 
     def delete_shard(self, split: str, name: str) -> None:
         self.split_info(split)["shards"].pop(name, None)
@@ -340,7 +449,7 @@ class Store:
         """Why the shard on disk disagrees with the manifest, or None when it matches.
 
         ``full=False`` trusts an unchanged size and mtime (cheap enough for every run); ``verify`` hashes."""
-        record = self.split_info(split)["shards"][name]
+        record = self.shards(split)[name]
         path = os.path.join(self.split_dir(split), name)
         if not os.path.isfile(path):
             return "missing"
@@ -363,6 +472,16 @@ class Store:
         info = self.split_info(split, create=True)
         folder = self.split_dir(split)
         notes: list[str] = []
+        pending = info.get(EXCHANGE)
+        if pending and self._exchanged(split, pending):
+            self._finish_exchange(split)  # the folder was swapped: record its shards
+        elif pending:
+            del info[EXCHANGE]  # it was not: the old split stands
+            self.save()
+        exchanging = {rec[EXCHANGE]["folder"] for rec in self.manifest["splits"].values() if EXCHANGE in rec}
+        for name in os.listdir(self.root):
+            if name.startswith(".exchange-") and name not in exchanging:  # a copy, or an old folder, left by a crash
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         on_disk = set(os.listdir(folder)) if os.path.isdir(folder) else set()
         for name in sorted(on_disk):
             if name.startswith(".") and name.endswith(".tmp"):
@@ -419,7 +538,7 @@ class Store:
         written before shards were sorted is sorted in memory when its turn comes.
         """
         with _reading(split):
-            runs = _sorted_runs([(*id_range(path), path) for path in self.shard_paths(split)])
+            runs = self.sorted_runs(split)
             yield from heapq.merge(*(_run_rows(run, columns) for run in runs), key=lambda row: row[0])
 
     def fill_embeddings(self, split: str, shard: np.ndarray, row: np.ndarray, out: np.ndarray) -> None:
@@ -485,17 +604,15 @@ class Store:
     def verify(self) -> list[dict[str, str]]:
         """Every shard against its recorded checksum and row count, and the folders against the manifest."""
         problems = []
-        for split, info in sorted(self.manifest["splits"].items()):
-            for name, record in sorted(info["shards"].items()):
-                if "sha256" not in record:
-                    continue
+        for split in sorted(self.manifest["splits"]):
+            for name in sorted(self.shards(split)):
                 problem = self.check_shard(split, name, full=True)
                 if problem:
                     problems.append({"split": split, "file": f"images/split={split}/{name}", "problem": problem})
         images = os.path.join(self.root, "images")
         for folder in sorted(os.listdir(images)) if os.path.isdir(images) else []:
             split = folder.removeprefix("split=")
-            recorded = self.manifest["splits"].get(split, {}).get("shards", {})
+            recorded = self.shards(split) if split in self.manifest["splits"] else {}
             for name in sorted(os.listdir(os.path.join(images, folder))):
                 if name.endswith(".parquet") and name not in recorded:
                     problems.append({"split": split, "file": f"images/{folder}/{name}", "problem": "not in the manifest"})

@@ -338,6 +338,7 @@ def test_bad_command_lines(tmp_path, dataset, checkpoint):
         (["encode", "cifar100:" + str(tmp_path), "--store", fresh, "--split", "train", "--model", "random:tiny"], 2, "no cifar-100-python"),
         (["query", fresh, "--split", "a"], 2, "no featstore store"),
         (["info", fresh], 2, "no featstore store"),
+        (["compact", fresh], 2, "no featstore store"),
     ]
     for args, code, message in cases:
         result = featstore(*args, check=False)
@@ -365,6 +366,8 @@ def test_bad_command_lines(tmp_path, dataset, checkpoint):
         (["probe", store, "--train-split", "train", "--test-split", "train", "--C", "-1"], "--C must be positive"),
         (["probe", store, "--train-split", "train", "--test-split", "train", "--solver", "lbfgs"], "unknown --solver"),
         (["probe", store, "--train-split", "train", "--test-split", "train", "--device", "tpu"], "unknown --device"),
+        (["compact", store, "--split", "nope"], "no split 'nope'"),
+        (["compact", store, "--max-runs", "0"], "--max-runs must be at least 1"),
     ]
     for args, message in store_cases:
         result = featstore(*args, check=False)
