@@ -43,6 +43,11 @@ SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SHARD_NAME = re.compile(r"^part-[0-9]{6}-[0-9a-f]{8}\.parquet$")
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 ID_ORDER = [pq.SortingColumn(0)]  # every shard is sorted by id (column 0) and says so in its footer
+# Columns with few distinct values get a dictionary; ids, paths, hashes, sizes, mtimes and embeddings are
+# (nearly) all distinct, and a dictionary there (pyarrow's default) made a 50,000-row shard's writes 2.5x
+# and its embedding reads 5-7x slower and doubled what a rerun's walk holds per sorted run, for a file 5 %
+# smaller (bench/shard_bench.py).
+DICTIONARY_COLUMNS = ["label", "encoded_at"]
 READ_ROWS = 4096  # rows per record batch when streaming embeddings (8 MiB of float32 at 512 dimensions)
 DEFAULT_SHARD_ROWS = 50_000
 EXCHANGE = "exchange"  # a split's record of a folder exchange in progress (``Store.rewrite_shards``)
@@ -110,7 +115,7 @@ def exchange_folders(a: str, b: str) -> None:
 def write_parquet(table: pa.Table, path: str) -> dict[str, Any]:
     """Write TABLE sorted by id (declared in the footer) and fsynced; its manifest record (rows, bytes, sha256)."""
     table = sort_by_id(table)
-    pq.write_table(table, path, sorting_columns=ID_ORDER)
+    pq.write_table(table, path, sorting_columns=ID_ORDER, use_dictionary=DICTIONARY_COLUMNS)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
     return {"rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
@@ -421,6 +426,7 @@ class Store:
                     del info[EXCHANGE]
                     self.save()
             _fsync_dir(os.path.dirname(folder))
+            _fsync_dir(self.root)
             self._finish_exchange(split)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # the old folder after an exchange, else the copy
@@ -445,11 +451,10 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.split_dir(split), name))
 
-    def check_shard(self, split: str, name: str, full: bool = True) -> str | None:
-        """Why the shard on disk disagrees with the manifest, or None when it matches.
+    def check_shard(self, split: str, name: str, record: dict[str, Any], full: bool = True) -> str | None:
+        """Why shard NAME on disk disagrees with its manifest RECORD, or None when it matches.
 
         ``full=False`` trusts an unchanged size and mtime (cheap enough for every run); ``verify`` hashes."""
-        record = self.shards(split)[name]
         path = os.path.join(self.split_dir(split), name)
         if not os.path.isfile(path):
             return "missing"
@@ -497,7 +502,7 @@ class Store:
             if "sha256" not in record:  # a new shard whose rename never happened
                 del info["shards"][name]
                 continue
-            problem = self.check_shard(split, name, full=False)
+            problem = self.check_shard(split, name, record, full=False)
             if problem is None:
                 record["mtime_ns"] = os.stat(path).st_mtime_ns
                 continue
@@ -605,8 +610,8 @@ class Store:
         """Every shard against its recorded checksum and row count, and the folders against the manifest."""
         problems = []
         for split in sorted(self.manifest["splits"]):
-            for name in sorted(self.shards(split)):
-                problem = self.check_shard(split, name, full=True)
+            for name, record in sorted(self.shards(split).items()):
+                problem = self.check_shard(split, name, record, full=True)
                 if problem:
                     problems.append({"split": split, "file": f"images/split={split}/{name}", "problem": problem})
         images = os.path.join(self.root, "images")
