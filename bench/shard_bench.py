@@ -6,7 +6,8 @@ Builds a shard like encode's (ImageNet-like ids and paths, random float16 512-d 
 mtimes and sha256 hex, 100 labels) and writes it with featstore's ``write_parquet`` and with
 ``pyarrow.parquet.write_table``'s defaults (dictionary encoding on every column). Prints the file size, the
 write time, the time to read the embeddings (what probe and query do), and the Arrow memory a rerun's walk
-holds per sorted run (a reader of the four small columns and its first 4,096-row batch); fastest of 3.
+holds per sorted run (featstore's reader of the four small columns and its first 4,096-row batch); fastest
+of 3.
 """
 
 import os
@@ -20,11 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from featstore.store import READ_ROWS, shard_schema, write_parquet  # noqa: E402
+from featstore.store import shard_schema, write_parquet  # noqa: E402
 
-WALK = ("import sys, pyarrow as pa, pyarrow.parquet as pq; "
-        "batches = pq.ParquetFile(sys.argv[1], buffer_size=1 << 16).iter_batches("
-        "batch_size=int(sys.argv[2]), columns=['id', 'size', 'mtime_ns', 'label']); "
+WALK = ("import sys, pyarrow as pa; from featstore.store import run_batches; "  # featstore's reader, either file
+        "batches = run_batches([sys.argv[1]], ['size', 'mtime_ns', 'label']); "
         "first = next(batches); print(pa.total_allocated_bytes())")
 
 
@@ -49,7 +49,8 @@ def measure(write, table: pa.Table, path: str) -> dict[str, float]:
         started = time.perf_counter()
         pq.read_table(path, columns=["embedding"])
         reads.append(time.perf_counter() - started)
-    held = subprocess.run([sys.executable, "-c", WALK, path, str(READ_ROWS)], capture_output=True, text=True, check=True)
+    held = subprocess.run([sys.executable, "-c", WALK, path], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return {"MB": os.path.getsize(path) / 1e6, "write s": min(writes), "read embeddings s": min(reads),
             "walk holds MiB": int(held.stdout) / 2**20}
 

@@ -25,7 +25,7 @@ from featstore.store import DEFAULT_SHARD_ROWS, Store, run_batches, shard_schema
 AUTO_RUNS = 16  # encode compacts a split that has more runs than this...
 AUTO_KEEP = 8  # ...down to this many (merging the smallest: a row is rewritten a few times in its life, not nightly)
 FAN_IN = 32  # runs merged in one pass, each holding a reader and a batch; more runs take more passes
-MERGE_ROWS = 16_384  # rows of read batches held across the merged runs (32 MiB of float32 at 512 dimensions)
+MERGE_ROWS = 4096  # rows of read batches across the merged runs (a list column's reader holds ~5x its batch)
 
 
 def compact(store_dir: str, split: str | None = None, max_runs: int = 1, shard_rows: int = DEFAULT_SHARD_ROWS,
@@ -77,29 +77,39 @@ def _merge(store: Store, split: str, runs: list[list[str]], shard_rows: int, pro
         for table in _merged(runs, max(64, MERGE_ROWS // len(runs)), shard_rows, schema):
             write(table)
             bar.update(table.num_rows)
+            del table
+            pa.default_memory_pool().release_unused()  # else the allocator keeps every shard's pages
     return total
 
 
 def _merged(runs: list[list[str]], batch_rows: int, shard_rows: int, schema: pa.Schema) -> Iterator[pa.Table]:
-    """The rows of RUNS in id order, SHARD_ROWS at a time: a merge of their ids picks each shard's rows, taken
-    with one ``take`` per read batch (``write_parquet`` puts them back in id order)."""
+    """The rows of RUNS in id order, SHARD_ROWS at a time. A merge of their ids picks the rows; each read batch's
+    picked rows are taken with one ``take`` once the merge has left the batch (or the shard is full), so a
+    merge holds one batch per run and the shard being filled (``write_parquet`` sorts the taken pieces)."""
 
-    def keyed(run: list[str]) -> Iterator[tuple[str, pa.RecordBatch, int]]:
+    def keyed(number: int, run: list[str]) -> Iterator[tuple[str, int, pa.RecordBatch, int]]:
         for _, batch in run_batches(run, None, batch_rows):
-            yield from ((row_id, batch, number) for number, row_id in enumerate(batch.column(0).to_pylist()))
+            yield from ((row_id, number, batch, row) for row, row_id in enumerate(batch.column(0).to_pylist()))
 
-    picked: dict[int, tuple[pa.RecordBatch, list[int]]] = {}  # id(read batch) -> (it, its row numbers)
+    pieces: list[pa.Table] = []  # rows taken for the shard being filled
+    picked: dict[int, tuple[pa.RecordBatch, list[int]]] = {}  # run -> (its current batch, rows picked from it)
+
+    def take(run: int) -> None:
+        batch, rows = picked.pop(run)
+        pieces.append(pa.Table.from_batches([batch.take(pa.array(rows, pa.int64()))]).cast(schema))
+
     count = 0
-    for _, batch, number in heapq.merge(*(keyed(run) for run in runs), key=lambda row: row[0]):
-        picked.setdefault(id(batch), (batch, []))[1].append(number)
+    for _, run, batch, row in heapq.merge(*(keyed(n, run) for n, run in enumerate(runs)), key=lambda r: r[0]):
+        if run in picked and picked[run][0] is not batch:
+            take(run)  # the merge has left that batch for good
+        picked.setdefault(run, (batch, []))[1].append(row)
         count += 1
         if count == shard_rows:
-            yield _take(picked.values(), schema)
-            picked, count = {}, 0
-    if count:
-        yield _take(picked.values(), schema)
-
-
-def _take(picked, schema: pa.Schema) -> pa.Table:
-    return pa.concat_tables(pa.Table.from_batches([batch.take(pa.array(numbers, pa.int64()))]).cast(schema)
-                            for batch, numbers in picked)
+            for run in list(picked):
+                take(run)
+            yield pa.concat_tables(pieces)
+            pieces, count = [], 0
+    for run in list(picked):
+        take(run)
+    if pieces:
+        yield pa.concat_tables(pieces)

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from featstore.errors import FeatstoreError
-from featstore.store import sort_by_id
+from featstore.store import sort_by_id, streaming_reader
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 PLAN_BATCH = 4096  # items listed, planned or spilled per batch (~1 MiB of Items)
@@ -160,9 +160,7 @@ class ManifestSource(FolderSource):
         """The manifest's (id, label) rows in file order, a batch at a time."""
         try:
             if self.manifest.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                reader = pq.ParquetFile(self.manifest)
+                reader = streaming_reader(self.manifest, 1 << 20)
                 names = reader.schema_arrow.names
                 batches = reader.iter_batches(batch_size=self.READ_ROWS, columns=[n for n in ("path", "label") if n in names])
             else:

@@ -48,6 +48,7 @@ ID_ORDER = [pq.SortingColumn(0)]  # every shard is sorted by id (column 0) and s
 # and its embedding reads 3.7x slower and doubled what a rerun's walk holds per sorted run, for a file 5 %
 # smaller (bench/shard_bench.py).
 DICTIONARY_COLUMNS = ["label", "encoded_at"]
+ROW_GROUP_ROWS = 8192  # pyarrow's default row group is the whole shard, whose column buffers a write holds at once
 READ_ROWS = 4096  # rows per record batch when streaming embeddings (8 MiB of float32 at 512 dimensions)
 DEFAULT_SHARD_ROWS = 50_000
 EXCHANGE = "exchange"  # a split's record of a folder exchange in progress (``Store.rewrite_shards``)
@@ -115,7 +116,8 @@ def exchange_folders(a: str, b: str) -> None:
 def write_parquet(table: pa.Table, path: str) -> dict[str, Any]:
     """Write TABLE sorted by id (declared in the footer) and fsynced; its manifest record (rows, bytes, sha256)."""
     table = sort_by_id(table)
-    pq.write_table(table, path, sorting_columns=ID_ORDER, use_dictionary=DICTIONARY_COLUMNS)
+    pq.write_table(table, path, sorting_columns=ID_ORDER, use_dictionary=DICTIONARY_COLUMNS,
+                   row_group_size=ROW_GROUP_ROWS)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
     return {"rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
@@ -192,12 +194,18 @@ def _sorted_runs(shards: list[tuple[str, str, str]]) -> list[list[str]]:
     return runs
 
 
+def streaming_reader(path: str, buffer_size: int = 1 << 16) -> pq.ParquetFile:
+    """A Parquet reader that streams pages through a BUFFER_SIZE buffer. pyarrow's default (``pre_buffer``)
+    reads a row group's whole column chunks first: a 50,000-row shard's embeddings, ~50 MiB, per reader."""
+    return pq.ParquetFile(path, buffer_size=buffer_size, pre_buffer=False)
+
+
 def run_batches(paths: list[str], columns: list[str] | None, batch_rows: int = READ_ROWS) -> Iterator[tuple[str, pa.RecordBatch]]:
     """(shard name, record batch) of a sorted run's shards, in id order (COLUMNS after ``id``; all when None).
     A shard written before shards were sorted is sorted in memory when its turn comes."""
     for path in paths:
         name = os.path.basename(path)
-        reader = pq.ParquetFile(path, buffer_size=1 << 16)
+        reader = streaming_reader(path)
         declared = all(reader.metadata.row_group(i).sorting_columns == tuple(ID_ORDER)
                        for i in range(reader.metadata.num_row_groups))
         wanted = None if columns is None else ["id", *columns]
@@ -562,7 +570,7 @@ class Store:
             src = row[dest]
             start = 0
             with _reading(split):
-                reader = pq.ParquetFile(path, buffer_size=1 << 20)
+                reader = streaming_reader(path, 1 << 20)
                 for batch in reader.iter_batches(batch_size=READ_ROWS, columns=["embedding"]):
                     stop = start + batch.num_rows
                     lo, hi = np.searchsorted(src, [start, stop])
