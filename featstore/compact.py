@@ -2,7 +2,7 @@
 
 Each encode that adds ids among the stored ones leaves its new shards as one more sorted run (shards whose id
 ranges follow one another). A rerun walks the split in id order by merging its runs, holding a Parquet reader
-and a batch for each (1.6 MiB: bench/runs_bench.py), so a split that gains a run every night would hold a year
+and a batch for each (0.4 MiB: bench/runs_bench.py), so a split that gains a run every night would hold a year
 of them. Compaction rewrites the smallest runs' rows as one run, in id order, and swaps them in with the
 split's folder (``Store.rewrite_shards``: one atomic exchange, so plain Parquet readers never see a row
 twice); the largest runs' shards are kept as they are (hard-linked). ``encode`` compacts on its own once a

@@ -50,6 +50,7 @@ ID_ORDER = [pq.SortingColumn(0)]  # every shard is sorted by id (column 0) and s
 DICTIONARY_COLUMNS = ["label", "encoded_at"]
 ROW_GROUP_ROWS = 8192  # pyarrow's default row group is the whole shard, whose column buffers a write holds at once
 READ_ROWS = 4096  # rows per record batch when streaming embeddings (8 MiB of float32 at 512 dimensions)
+WALK_ROWS = 1024  # rows per batch of a sorted run in ``iter_rows``, held as Python objects (~0.2 KiB a row)
 DEFAULT_SHARD_ROWS = 50_000
 EXCHANGE = "exchange"  # a split's record of a folder exchange in progress (``Store.rewrite_shards``)
 RENAME_EXCHANGE = 2  # renameat2's flag: swap two paths atomically (Linux 3.15+; ext4, xfs, btrfs, tmpfs)
@@ -218,7 +219,7 @@ def run_batches(paths: list[str], columns: list[str] | None, batch_rows: int = R
 
 
 def _run_rows(paths: list[str], columns: list[str]) -> Iterator[tuple]:
-    for name, batch in run_batches(paths, columns):
+    for name, batch in run_batches(paths, columns, WALK_ROWS):
         row_ids, *values = (column.to_pylist() for column in batch.columns)
         yield from zip(row_ids, [name] * len(row_ids), *values)
 
