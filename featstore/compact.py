@@ -105,11 +105,11 @@ def _merged(runs: list[list[str]], batch_rows: int, shard_rows: int, schema: pa.
         picked.setdefault(run, (batch, []))[1].append(row)
         count += 1
         if count == shard_rows:
-            for run in list(picked):
-                take(run)
+            for held in list(picked):
+                take(held)
             yield pa.concat_tables(pieces)
             pieces, count = [], 0
-    for run in list(picked):
-        take(run)
+    for held in list(picked):
+        take(held)
     if pieces:
         yield pa.concat_tables(pieces)

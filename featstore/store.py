@@ -44,9 +44,8 @@ SHARD_NAME = re.compile(r"^part-[0-9]{6}-[0-9a-f]{8}\.parquet$")
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 ID_ORDER = [pq.SortingColumn(0)]  # every shard is sorted by id (column 0) and says so in its footer
 # Columns with few distinct values get a dictionary; ids, paths, hashes, sizes, mtimes and embeddings are
-# (nearly) all distinct, and a dictionary there (pyarrow's default) made a 50,000-row shard's writes 1.5x
-# and its embedding reads 3.7x slower and doubled what a rerun's walk holds per sorted run, for a file 5 %
-# smaller (bench/shard_bench.py).
+# (nearly) all distinct, and a dictionary there (pyarrow's default) made a 50,000-row shard's writes 1.5x and
+# its embedding reads 3.7x slower, for a file 5 % smaller (bench/shard_bench.py).
 DICTIONARY_COLUMNS = ["label", "encoded_at"]
 ROW_GROUP_ROWS = 8192  # pyarrow's default row group is the whole shard, whose column buffers a write holds at once
 READ_ROWS = 4096  # rows per record batch when streaming embeddings (8 MiB of float32 at 512 dimensions)
