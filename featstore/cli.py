@@ -227,8 +227,7 @@ def compact(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
 ):
-    """Merge each split's sorted runs of shards (one per encode that added ids among stored ones), so that
-    reruns hold fewer read batches; encode does it on its own past 16 runs."""
+    """Merge each split's sorted runs of shards, so reruns hold fewer read batches (encode does it past 16)."""
     from featstore.compact import compact as run_compact
 
     result = run_compact(store, split, max_runs=max_runs, shard_rows=shard_rows, progress=not quiet)
