@@ -54,8 +54,7 @@ def compact_split(store: Store, split: str, max_runs: int, shard_rows: int, prog
     (writers only, under the lock)."""
     runs = store.sorted_runs(split)
     before, rewritten = len(runs), 0
-    while len(runs) > max(max_runs, when_over):
-        when_over = 0
+    while before > when_over and len(runs) > max_runs:
         shards = store.shards(split)
         rows = [sum(shards[os.path.basename(path)]["rows"] for path in run) for run in runs]
         order = sorted(range(len(runs)), key=rows.__getitem__)

@@ -134,7 +134,7 @@ def test_rows_stream_in_id_order_from_interleaved_runs(tmp_path, monkeypatch):
     import featstore.store as store_module
     from featstore.encode import Plan, ShardWriter
     from featstore.sources import Item
-    from featstore.store import Store, id_range, _sorted_runs
+    from featstore.store import Store
 
     store = Store(str(tmp_path / "store"))
     store.create({"name": "test", "dim": 4}, "float32")
@@ -150,7 +150,7 @@ def test_rows_stream_in_id_order_from_interleaved_runs(tmp_path, monkeypatch):
     encode_ids([f"{i:03d}" for i in range(1, 30, 2)][::-1])  # odds among them, handed over in reverse
     encode_ids(["100", "101"])  # past every stored id: continues a run
     paths = store.shard_paths("train")
-    runs = _sorted_runs([(*id_range(path), path) for path in paths])
+    runs = store.sorted_runs("train")
     assert len(paths) == 9 and len(runs) == 2 and sorted(sum(runs, [])) == sorted(paths)
     for path in paths:
         ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
