@@ -341,7 +341,7 @@ def _batches(model: ClipModel, source, items, start: int, batch_size: int, worke
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it on 64-bit systems
-TRIM_EVERY = 1024  # images between heap trims: a trim costs the next forward ~15k page faults (~50 ms)
+TRIM_EVERY = 1024  # images between heap trims: a trim costs the next forward 12-25k page faults (10-80 ms)
 
 
 def _steady_heap():
@@ -349,12 +349,13 @@ def _steady_heap():
 
     - glibc adapts its mmap threshold to the blocks freed, and some processes settle where a fp32 forward's
       large blocks are unmapped or trimmed from the heap's top after each use: ~105k page faults (410 MiB
-      zeroed) per batch-16 ViT-B/32 forward, up to 15 % slower, in 3 of 9 processes measured. A fixed 32 MiB
+      zeroed) per batch-16 ViT-B/32 forward, up to 15 % slower, in 4 of 11 processes measured. A fixed 32 MiB
       threshold (glibc's ceiling) and no automatic trimming keep those blocks mapped and reused: no faults
       in any process. The settings are process-wide and stay after encode returns.
     - Freed pages between live small blocks stay resident, so without trims encode's RSS grew with the
       number of batches (~3-5 KiB per image); the caller trims every TRIM_EVERY images, and before it forks
-      decode workers, whose copy-on-write sharing of the freed pages made the next forward ~150 ms slower."""
+      decode workers: after a fork the runner's first writes to the freed pages it shares with them are
+      copied, and the next forward took +130-210 ms against +50-100 ms with a trim first."""
     try:
         libc = ctypes.CDLL(None)
         trim, mallopt = libc.malloc_trim, libc.mallopt
