@@ -11,6 +11,8 @@ import typer
 
 from featstore.errors import FeatstoreError
 
+SHARD_ROWS = 50_000  # featstore.store.DEFAULT_SHARD_ROWS, written out: the store module is a heavy import (0.4 s)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A batch feature store for CLIP embeddings: encode, labels, query, probe.")
 
@@ -62,7 +64,7 @@ def encode(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 (default fp16 on CUDA, fp32 on CPU)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored embedding type: float16 (default) or float32"),
-    shard_rows: int = typer.Option(50_000, "--shard-rows", help="Rows per Parquet shard"),
+    shard_rows: int = typer.Option(SHARD_ROWS, "--shard-rows", help="Rows per Parquet shard"),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero when any image failed"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
@@ -223,7 +225,7 @@ def compact(
     store: str = typer.Argument(..., help="Store directory"),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (default: every split)"),
     max_runs: int = typer.Option(1, "--max-runs", help="Sorted runs of shards to leave per split"),
-    shard_rows: int = typer.Option(50_000, "--shard-rows", help="Rows per rewritten Parquet shard"),
+    shard_rows: int = typer.Option(SHARD_ROWS, "--shard-rows", help="Rows per rewritten Parquet shard"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
 ):

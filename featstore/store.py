@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import fcntl
 import hashlib
 import heapq
@@ -108,8 +109,8 @@ def exchange_folders(a: str, b: str) -> None:
     renameat2 = getattr(libc, "renameat2", None)
     at_cwd = -100
     if renameat2 is None or renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        errno = ctypes.get_errno() if renameat2 is not None else 38
-        raise FeatstoreError(f"cannot swap {b} for its rewritten copy: {os.strerror(errno)} (compaction needs a "
+        code = ctypes.get_errno() if renameat2 is not None else errno.ENOSYS
+        raise FeatstoreError(f"cannot swap {b} for its rewritten copy: {os.strerror(code)} (compaction needs a "
                              "Linux filesystem with atomic folder exchange: ext4, xfs, btrfs or tmpfs)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -319,6 +320,16 @@ def test_verify_finds_a_truncated_shard_and_encode_repairs_it(tmp_path, dataset)
     assert featstore("verify", store).returncode == 0
     after = store_rows(store, "train")
     assert sorted(after) == sorted(before)
+
+
+def test_command_line_shard_rows_default_is_the_librarys():
+    from featstore import cli
+    from featstore.compact import compact
+    from featstore.store import DEFAULT_SHARD_ROWS
+
+    assert cli.SHARD_ROWS == DEFAULT_SHARD_ROWS
+    for entry in (encode, compact):
+        assert inspect.signature(entry).parameters["shard_rows"].default == DEFAULT_SHARD_ROWS
 
 
 def test_bad_command_lines(tmp_path, dataset, checkpoint):
