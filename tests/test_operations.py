@@ -281,19 +281,19 @@ def test_a_file_that_kills_its_decoder_is_isolated_and_recorded(tmp_path, monkey
     """A decoder that crashes (segfault, OOM kill) takes its worker process with it: the run goes on, reads
     the items near the death one at a time, and records the one file that kills its reader as a failure."""
     import featstore.plan
-    import featstore.sources
+    import featstore.sources.base
 
     source = tmp_path / "src"
     write_folder(source, per_class=12, seed=3, classes=["circle", "square"])
     poison = (source / "square" / "img_005.png").read_bytes()
-    decode = featstore.sources.decode_image
+    decode = featstore.sources.base.decode_image
 
     def crashing_decode(data: bytes):
         if data == poison:
             os.kill(os.getpid(), signal.SIGKILL)  # in a forked DataLoader worker
         return decode(data)
 
-    monkeypatch.setattr(featstore.sources, "decode_image", crashing_decode)
+    monkeypatch.setattr(featstore.sources.base, "decode_image", crashing_decode)
     monkeypatch.setattr(featstore.plan, "PLAN_BATCH", 5)  # the spilled plan is read back across batches
     store = str(tmp_path / "store")
     result = encode(str(source), store, "train", model="random:tiny", batch_size=4, workers=2, progress=False)

@@ -113,10 +113,10 @@ def test_listings_walk_in_step_with_stored_rows(tmp_path, monkeypatch):
     as folder entries and as paths ("a b/" < "a-b" < "a/" < "a0/") must still match row for row on a rerun,
     and a manifest in any order lists the same ids."""
     import featstore.plan
-    import featstore.sources
+    import featstore.sources.base
     import featstore.store
 
-    for module in (featstore.plan, featstore.sources):  # listings, stored rows and the plan in batches of 3
+    for module in (featstore.plan, featstore.sources.base):  # listings, stored rows and the plan in batches of 3
         monkeypatch.setattr(module, "PLAN_BATCH", 3)
     monkeypatch.setattr(featstore.store, "READ_ROWS", 3)
     src = tmp_path / "src"
