@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from featstore.hardware import capability_line  # noqa: E402
 from featstore.store import Store, shard_schema  # noqa: E402
 from probe_bench import peak_rss_mib  # noqa: E402
 
@@ -66,6 +67,7 @@ def measure(command: list[str], reset) -> tuple[float, float]:
 
 
 def main() -> None:
+    print(capability_line(), flush=True)
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     rows = int(sys.argv[2]) if len(sys.argv) > 2 else 25_000
     with tempfile.TemporaryDirectory(prefix="featstore-compact-") as root:

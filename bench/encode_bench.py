@@ -36,6 +36,7 @@ with warnings.catch_warnings():
     from torchvision.datasets import ImageFolder
 
 from featstore.encode import encode  # noqa: E402
+from featstore.hardware import capability_line  # noqa: E402
 from featstore.models import encode_image, load_model  # noqa: E402
 from featstore.store import Store  # noqa: E402
 
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the fastest of each is compared")
     args = parser.parse_args()
+    print(capability_line(), flush=True)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     precisions = (args.precisions or ("fp16" if cuda else "fp32,bf16")).split(",")
     from featstore.encode import default_batch_size

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_bench import peak_rss_mib  # noqa: E402
+from featstore.hardware import capability_line  # noqa: E402
 
 LIST = ("import sys; from featstore.sources import ManifestSource; ManifestSource.SORT_ROWS = int(sys.argv[3]); "
         "n = sum(1 for _ in ManifestSource(sys.argv[1]).iter_items()); assert n == int(sys.argv[2])")
@@ -36,6 +37,7 @@ def write_manifest(path: str, rows: int) -> None:
 
 
 def main() -> None:
+    print(capability_line(), flush=True)
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 3_000_000
     sort_rows = int(sys.argv[2]) if len(sys.argv) > 2 else rows // 20
     print(f"featstore sorts runs of {sort_rows:,} rows")

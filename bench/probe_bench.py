@@ -26,6 +26,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from featstore.hardware import capability_line  # noqa: E402
 from featstore.probe import accuracy, fit, sweep_C, validation_split  # noqa: E402
 from featstore.store import Store  # noqa: E402
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="small/large pairs of memory runs")
     args = parser.parse_args()
+    print(capability_line(), flush=True)
     import torch  # imported before the clocks start: start-up cost, not fit time, on both sides
     from sklearn.linear_model import LogisticRegression
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from featstore.encode import encode  # noqa: E402
+from featstore.hardware import capability_line  # noqa: E402
 from probe_bench import peak_rss_mib  # noqa: E402
 
 PER_FOLDER = 1000
@@ -58,6 +59,7 @@ def touch_files(src: str) -> None:
 
 
 def main() -> None:
+    print(capability_line(), flush=True)
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     with tempfile.TemporaryDirectory(prefix="featstore-rerun-") as root:
         measure(n, root)

@@ -19,6 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import featstore.encode  # noqa: E402
+from featstore.hardware import capability_line  # noqa: E402
 from featstore.store import Store  # noqa: E402
 
 PER_FOLDER = 100  # files of one night per folder: night r adds FOLDER/K_r.png to every folder
@@ -49,6 +50,7 @@ def walk(src: str, store: str) -> tuple[float, float]:
 
 
 def main() -> None:
+    print(capability_line(), flush=True)
     nights = int(sys.argv[1]) if len(sys.argv) > 1 else 32
     files = int(sys.argv[2]) if len(sys.argv) > 2 else 8000
     featstore.encode.AUTO_RUNS = sys.maxsize  # keep every night's run

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from featstore.hardware import capability_line  # noqa: E402
 from featstore.store import shard_schema, write_parquet  # noqa: E402
 
 WALK = ("import sys, pyarrow as pa; from featstore.store import run_batches; "  # featstore's reader, either file
@@ -56,6 +57,7 @@ def measure(write, table: pa.Table, path: str) -> dict[str, float]:
 
 
 def main() -> None:
+    print(capability_line(), flush=True)
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
     table = shard(rows)
     with tempfile.TemporaryDirectory(prefix="featstore-shard-") as root:

@@ -15,6 +15,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from featstore.hardware import capability_line  # noqa: E402
+
 TIMED = "import time, sys; t = time.perf_counter(); {body}; print(time.perf_counter() - t)"
 CASES = {
     "import featstore.encode": "import featstore.encode",
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B/32")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print(capability_line(), flush=True)
     with tempfile.TemporaryDirectory(prefix="featstore-startup-") as root:
         checkpoint = os.path.join(root, "model.pt")
         subprocess.run([sys.executable, "-c",
