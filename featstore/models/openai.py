@@ -1,4 +1,4 @@
-"""Load CLIP models the way openai's ``clip.load`` does, from a name, a local checkpoint or random weights.
+"""The openai family: ``clip``'s models from a name, a local checkpoint or random weights (``random:ARCH[:SEED]``).
 
 Every model is built through ``clip.model.build_model`` so that weights are rounded to fp16 exactly as
 ``clip.load`` rounds them; on CPU (and for fp32/bf16) the model is then cast back with ``.float()``.
@@ -10,23 +10,24 @@ import contextlib
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
 with warnings.catch_warnings():  # clip imports pkg_resources, which warns on import
     warnings.simplefilter("ignore")
     import clip
-    from clip.model import CLIP, LayerNorm, build_model
+    from clip.model import CLIP, LayerNorm, VisionTransformer, build_model
 
 from featstore.errors import FeatstoreError, ModelUnavailable
+from featstore.models import Embedder, seeded
 from featstore.store import sha256_file
-from featstore.identity import weights_key
 
-DEFAULT_MODEL = "ViT-B/32"
 CLIP_CACHE = os.path.expanduser("~/.cache/clip")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # clip.model.CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 #                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)
@@ -39,47 +40,40 @@ ARCHITECTURES: dict[str, tuple] = {
     "ViT-L/14@336px": (768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12),
     "tiny": (64, 64, 2, 64, 16, 77, 49408, 64, 2, 2),  # for tests and the offline demo
 }
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-@dataclass
-class ClipModel:
-    """A loaded CLIP model with its preprocessing, placement and numeric precision."""
+class OpenAIClip(Embedder):
+    """An openai CLIP; a ViT's image features come from ``encode_image`` below (the class token's last row)."""
 
-    model: CLIP
-    preprocess: Callable
-    identity: dict[str, Any]
-    device: torch.device
-    precision: str
+    family = "openai"
 
-    @property
-    def dim(self) -> int:
-        return int(self.identity["dim"])
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return clip.tokenize(texts, truncate=True)
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_image(self.model, pixels)
 
-    @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Raw (unnormalised) ``encode_image`` outputs as float32 on the CPU."""
-        pixels = pixels.to(self.device, non_blocking=True)
-        with self._autocast():
-            features = encode_image(self.model, pixels)
-        return features.float().cpu()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
 
-    @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Raw ``encode_text`` outputs for prompts (float32 numpy)."""
-        tokens = clip.tokenize(texts, truncate=True).to(self.device)
-        with self._autocast():
-            features = self.model.encode_text(tokens)
-        return features.float().cpu().numpy()
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+def clip_transform(n_px: int) -> Compose:
+    """``clip.clip._transform(n_px)`` (a private function), built the same way from public torchvision parts."""
+    return Compose([
+        Resize(n_px, interpolation=InterpolationMode.BICUBIC),
+        CenterCrop(n_px),
+        _to_rgb,
+        ToTensor(),
+        Normalize(CLIP_MEAN, CLIP_STD),
+    ])
 
 
 def is_vit(model: CLIP) -> bool:
-    return hasattr(model.visual, "transformer")  # else a ModifiedResNet
+    return isinstance(model.visual, VisionTransformer)  # else a ModifiedResNet
 
 
 def encode_image(model: CLIP, image: torch.Tensor) -> torch.Tensor:
@@ -118,26 +112,6 @@ def cast_image_weights(model: CLIP, dtype: torch.dtype) -> None:
         if not isinstance(module, LayerNorm):
             for parameter in module.parameters(recurse=False):
                 parameter.data = parameter.data.to(dtype)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise FeatstoreError(f"unknown --device {device!r}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatstoreError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str | None, device: torch.device) -> str:
-    if precision is None:
-        return "fp16" if device.type == "cuda" else "fp32"  # as clip.load does
-    if precision not in PRECISIONS:
-        raise FeatstoreError(f"unknown --precision {precision!r}: use fp32, fp16 or bf16")
-    if precision == "fp16" and device.type != "cuda":
-        raise FeatstoreError("--precision fp16 needs a CUDA device; on CPU use fp32 or bf16")
-    return precision
 
 
 @contextlib.contextmanager
@@ -189,17 +163,16 @@ def _random_state_dict(spec: str) -> tuple[dict[str, torch.Tensor], str]:
         raise FeatstoreError(f"bad seed in --model {spec!r}: expected random:ARCH[:SEED]") from None
     if arch not in ARCHITECTURES:
         raise FeatstoreError(f"unknown architecture {arch!r} in --model {spec!r}; known: {', '.join(ARCHITECTURES)}")
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         model = CLIP(*ARCHITECTURES[arch])
-    finally:
-        torch.random.set_rng_state(generator_state)
     return model.state_dict(), f"random:{arch}:{seed}"
 
 
 def _openai_checkpoint(name: str) -> tuple[str, str]:
-    """Path and sha256 of an openai release, from clip's cache or downloaded into it."""
+    """Path and sha256 of an openai release, from clip's cache or downloaded into it.
+
+    clip has no public way to get a release's file: ``clip.load`` downloads it but returns only the built
+    model, so the URL table and the checked download are clip's private ``_MODELS`` and ``_download``."""
     url = clip.clip._MODELS[name]
     sha = url.split("/")[-2]
     target = os.path.join(CLIP_CACHE, os.path.basename(url))
@@ -229,25 +202,25 @@ def architecture_name(model: CLIP) -> str:
     return f"{sig[0]}(embed={embed},res={res},layers={sig[3]},width={sig[4]},patch={sig[5]})"
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str | None = None) -> ClipModel:
-    """Build the model for SPEC: an openai name, a checkpoint path, or ``random:ARCH[:SEED]``."""
-    torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device)
-    if spec.startswith("random:"):
-        state_dict, spec = _random_state_dict(spec)
-        sha = None
-    elif spec in clip.available_models():
-        path, sha = _openai_checkpoint(spec)
-        state_dict = _state_dict_from_file(path)
-    elif os.path.isfile(spec):
-        sha = sha256_file(spec)
-        state_dict = _state_dict_from_file(spec)
-        spec = os.path.abspath(spec)
-    else:
-        raise FeatstoreError(
-            f"unknown model {spec!r}: use one of {', '.join(clip.available_models())}, "
-            "a checkpoint path, or random:ARCH[:SEED]"
-        )
+def load_random(rest: str, device: torch.device, precision: str) -> OpenAIClip:
+    return _build(*_random_state_dict("random:" + rest), None, device, precision)
+
+
+def load(name: str, device: torch.device, precision: str) -> OpenAIClip:
+    """An openai name (from clip's cache, downloaded there when there is network) or a checkpoint path."""
+    if name in clip.available_models():
+        path, sha = _openai_checkpoint(name)
+        return _build(_state_dict_from_file(path), name, sha, device, precision)
+    if os.path.isfile(name):
+        return _build(_state_dict_from_file(name), os.path.abspath(name), sha256_file(name), device, precision)
+    raise FeatstoreError(
+        f"unknown model {name!r}: use one of {', '.join(clip.available_models())}, a checkpoint path, "
+        "random:ARCH[:SEED], open_clip:ARCH[:PRETRAINED] or hf:REPO_OR_DIR"
+    )
+
+
+def _build(state_dict: dict[str, torch.Tensor], spec: str, sha: str | None, device: torch.device,
+           precision: str) -> OpenAIClip:
     try:
         with _skipped_init():
             model = build_model(dict(state_dict))  # rounds weights to fp16 exactly like clip.load
@@ -257,30 +230,17 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", precision: str |
         model = model.float()
     if precision == "bf16" and is_vit(model):  # a ResNet's BatchNorm statistics would not be autocast's
         cast_image_weights(model, torch.bfloat16)
-    model = model.to(torch_device).eval()
+    model = model.to(device).eval()
     resolution = int(model.visual.input_resolution)
-    identity = {
+    identity: dict[str, Any] = {
+        "family": "openai",
         "spec": spec,
         "sha256": sha,
         "architecture": architecture_name(model),
         "dim": int(model.text_projection.shape[1]),
-        "preprocessing": f"clip._transform({resolution})",
+        "preprocessing": f"clip._transform({resolution})",  # clip_transform builds exactly that
         "resolution": resolution,
         "random_weights": sha is None,
         "precision": precision,
     }
-    return ClipModel(model, clip.clip._transform(resolution), identity, torch_device, precision)
-
-
-def load_recorded_model(identity: dict[str, Any], device: str = "auto") -> ClipModel:
-    """Reload the model a store was encoded with (text prompts and new images must use the same weights).
-
-    The recorded precision is kept where the device supports it; fp16 stores queried on a CPU use fp32."""
-    torch_device = resolve_device(device)
-    precision = identity["precision"]
-    if precision == "fp16" and torch_device.type != "cuda":
-        precision = "fp32"
-    model = load_model(identity["spec"], str(torch_device), precision)
-    if weights_key(model.identity) != weights_key(identity):
-        raise FeatstoreError(f"checkpoint {identity['spec']} changed since the store was encoded (sha256 differs)")
-    return model
+    return OpenAIClip(model, clip_transform(resolution), identity, device, precision)
