@@ -26,7 +26,8 @@ from featstore.store import Store, shard_schema  # noqa: E402
 from probe_bench import peak_rss_mib  # noqa: E402
 
 SHARD_ROWS = 50_000
-MODEL = {"spec": "bench", "name": "bench", "dim": 512, "random_weights": True}
+MODEL = {"spec": "bench", "sha256": None, "architecture": "none", "preprocessing": "none", "precision": "fp32", "dim": 512,
+         "random_weights": True}
 REFERENCE = ("import os, sys, pyarrow.compute as pc, pyarrow.parquet as pq; "
              "table = pq.read_table(sys.argv[1]); table = table.take(pc.sort_indices(table, [('id', 'ascending')])); "
              "[pq.write_table(table.slice(start, 50000), os.path.join(sys.argv[2], f'part-{start}.parquet')) "

@@ -54,11 +54,12 @@ def timed(function, *args, **kwargs):
 
 def write_store(root: str, x_train, y_train, x_test, y_test) -> None:
     """A store holding these features, written by encode's own shard writer (10,000-row shards)."""
-    from featstore.encode import Plan, ShardWriter
+    from featstore.encode.plan import Plan
+    from featstore.encode.writer import ShardWriter
     from featstore.sources import Item
 
     store = Store(root)
-    store.create({"name": "bench", "dim": x_train.shape[1]}, "float32")
+    store.create({"spec": "bench", "sha256": None, "architecture": "none", "preprocessing": "none", "precision": "fp32", "dim": x_train.shape[1]}, "float32")
     label_ids = store.class_ids([f"class {i}" for i in range(int(y_train.max()) + 1)])
     with store.lock("bench"):
         for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):

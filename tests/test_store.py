@@ -102,14 +102,15 @@ def test_fill_embeddings_places_every_located_row(tmp_path, monkeypatch):
     """The probe's streaming reader: rows spread over several shards and record batches, asked for in any
     order (the sweep asks validation-last), land in the right rows of the matrix, in float32, from float16."""
     import featstore.store as store_module
-    from featstore.encode import Plan, ShardWriter
+    from featstore.encode.plan import Plan
+    from featstore.encode.writer import ShardWriter
     from featstore.sources import Item
     from featstore.store import Store
 
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(23, 8)).astype(np.float16)
     store = Store(str(tmp_path / "store"))
-    store.create({"name": "test", "dim": 8}, "float16")
+    store.create({"spec": "test", "sha256": None, "architecture": "none", "preprocessing": "none", "precision": "fp32", "dim": 8}, "float16")
     with store.lock("test"):
         store.split_info("train", create=True)
         writer = ShardWriter(store, "train", Plan(), {}, shard_rows=10)  # shards of 10, 10 and 3 rows
@@ -132,12 +133,13 @@ def test_rows_stream_in_id_order_from_interleaved_runs(tmp_path, monkeypatch):
     (and say so in their footer), shards whose id ranges follow one another are read as one run, and the
     runs are merged. A shard without the mark (written by an older featstore) is sorted as it is read."""
     import featstore.store as store_module
-    from featstore.encode import Plan, ShardWriter
+    from featstore.encode.plan import Plan
+    from featstore.encode.writer import ShardWriter
     from featstore.sources import Item
-    from featstore.store import Store
+    from featstore.store import Store, sha256_file
 
     store = Store(str(tmp_path / "store"))
-    store.create({"name": "test", "dim": 4}, "float32")
+    store.create({"spec": "test", "sha256": None, "architecture": "none", "preprocessing": "none", "precision": "fp32", "dim": 4}, "float32")
 
     def encode_ids(ids: list[str]) -> None:
         with store.lock("test"):
@@ -167,3 +169,7 @@ def test_rows_stream_in_id_order_from_interleaved_runs(tmp_path, monkeypatch):
         legacy = pq.read_table(paths[0])  # as an older featstore wrote it: unsorted, unmarked
         pq.write_table(legacy.take(list(range(legacy.num_rows))[::-1]), paths[0])
         assert pq.read_metadata(paths[0]).row_group(0).sorting_columns == ()
+        with store.lock("test"):  # recorded as that featstore would have recorded it
+            store.split_info("train")["shards"][os.path.basename(paths[0])].update(
+                bytes=os.path.getsize(paths[0]), sha256=sha256_file(paths[0]), mtime_ns=os.stat(paths[0]).st_mtime_ns)
+            store.save()
