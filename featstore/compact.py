@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from featstore.errors import FeatstoreError
-from featstore.store import DEFAULT_SHARD_ROWS, Store, run_batches, shard_schema
+from featstore.store import DEFAULT_SHARD_ROWS, Store, conform, run_batches, shard_schema
 
 AUTO_RUNS = 16  # encode compacts a split that has more runs than this...
 AUTO_KEEP = 8  # ...down to this many (merging the smallest: a row is rewritten a few times in its life, not nightly)
@@ -95,7 +95,7 @@ def _merged(runs: list[list[str]], batch_rows: int, shard_rows: int, schema: pa.
 
     def take(run: int) -> None:
         batch, rows = picked.pop(run)
-        pieces.append(pa.Table.from_batches([batch.take(pa.array(rows, pa.int64()))]).cast(schema))
+        pieces.append(conform(pa.Table.from_batches([batch.take(pa.array(rows, pa.int64()))]), schema))
 
     count = 0
     for _, run, batch, row in heapq.merge(*(keyed(n, run) for n, run in enumerate(runs)), key=lambda r: r[0]):

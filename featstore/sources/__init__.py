@@ -1,7 +1,8 @@
 """Where images come from. A source kind is a module here plus one line in ``REGISTRY``.
 
 ``SOURCE`` arguments: a folder (``folder:DIR`` or a plain path), ``cifar10:ROOT[:PART]``,
-``cifar100:ROOT[:PART]`` or ``manifest:FILE``. Every source follows ``base.Source``: list items in id order,
+``cifar100:ROOT[:PART]``, ``manifest:FILE``, ``webdataset:PATTERN`` (tar shards) or ``hf:DIR_OR_NAME[:SPLIT]``
+(a Hugging Face dataset). Every source follows ``base.Source``: list items in id order,
 open one item.
 """
 
@@ -13,7 +14,9 @@ from typing import Callable
 from featstore.sources.base import IMAGE_EXTENSIONS, PLAN_BATCH, Item, Source, decode_image, to_rgb
 from featstore.sources.cifar import CifarSource
 from featstore.sources.folder import FolderSource
+from featstore.sources.hf import HfSource
 from featstore.sources.manifest import ManifestSource
+from featstore.sources.webdataset import WebDatasetSource
 
 # spec prefix -> opener(rest of the spec, split name)
 REGISTRY: dict[str, Callable[[str, str], Source]] = {
@@ -21,6 +24,8 @@ REGISTRY: dict[str, Callable[[str, str], Source]] = {
     "manifest": ManifestSource.from_spec,
     "cifar10": functools.partial(CifarSource.from_spec, "cifar10"),
     "cifar100": functools.partial(CifarSource.from_spec, "cifar100"),
+    "webdataset": WebDatasetSource.from_spec,
+    "hf": HfSource.from_spec,
 }
 
 

@@ -9,6 +9,9 @@ without holding either, and decoding can run in DataLoader workers.
 from __future__ import annotations
 
 import io
+import os
+import stat
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -32,6 +35,8 @@ class Item:
     size: int
     mtime_ns: int
     sha256: str | None = None
+    error: str | None = None  # set when the item could not be listed (a failure the plan records, never read)
+    caption: str | None = None  # text stored with the row (webdataset ``.txt``), else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -45,8 +50,57 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+MAX_FILE_BYTES = 1 << 30  # a file listed as an image that is bigger is a failure, not read
+
+
+class BadFile(OSError):
+    """A listed file that must not or could not be read whole (not a regular file, too big, changing)."""
+
+
+def check_regular(mode: int) -> None:
+    """Raise BadFile unless MODE (of ``os.stat``) is a regular file's."""
+    if not stat.S_ISREG(mode):
+        kind = next((kind for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                                             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                             (stat.S_ISSOCK, "a socket")) if test(mode)), "of another kind")
+        raise BadFile(f"not a regular file: {kind}")
+
+
+def read_file(path: str) -> bytes:
+    """A regular file's bytes. Anything else (FIFO, device, folder) is refused before it is opened, and again
+    after (``fstat`` of the descriptor, opened non-blocking, so a FIFO swapped in between cannot hang); at
+    most the size ``fstat`` gave is read, and a file that grows or shrinks meanwhile is refused."""
+    check_regular(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        check_regular(st.st_mode)
+        if st.st_size > MAX_FILE_BYTES:
+            raise BadFile(f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})")
+        chunks, left = [], st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left or os.read(fd, 1):
+            raise BadFile("file changed size while being read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def decode_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
+    """DATA decoded to RGB. More than ``Image.MAX_IMAGE_PIXELS`` pixels is an error, checked before the
+    pixels are decoded (PIL itself only warns below twice that limit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+    with image:
+        width, height = image.size
+        if width * height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"too many pixels ({width} x {height} > {Image.MAX_IMAGE_PIXELS})")
         image.load()
         return to_rgb(image)
 
@@ -62,7 +116,10 @@ class Source(Protocol):
         """Class names the source's labels come from (any order; the store assigns ids by name)."""
 
     def iter_items(self) -> Iterator[Item]:
-        """Every item, in id order (plain string order of ``Item.id``), without decoding."""
+        """Every item, in id order (plain string order of ``Item.id``), without decoding. What cannot be listed
+        comes as an Item with ``error`` set (a folder's id ending with "/"): the plan records it as a failure and
+        keeps the stored rows it may hide. A source that walks folders also has ``skip(folder)``, which encode
+        calls with the store's root."""
 
     def read(self, item: Item) -> bytes:
         """The item's bytes (hashed by the plan when a fingerprint changed)."""

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from featstore.errors import FeatstoreError
 from featstore.sources import base
 from featstore.sources.base import Item
-from featstore.sources.folder import FolderSource
+from featstore.sources.folder import FolderSource, os_reason
 from featstore.store import sort_by_id, streaming_reader
 
 
@@ -111,9 +111,13 @@ class ManifestSource(FolderSource):
             os.unlink(path)
 
     def _id(self, path: str) -> str:
-        """Relative paths are taken from the manifest's folder and normalised; absolute ones stay as given."""
+        """A path's id: normalised as text (``a/./b``, ``a//b``, ``a/c/../b`` and ``./a/b`` are ``a/b``; links
+        are not resolved), relative to the manifest's folder. An absolute path inside that folder gets the id
+        of the same relative path; other absolute paths stay absolute, normalised the same way."""
         if os.path.isabs(path):
-            return path
+            normal = "/" + os.path.normpath(path).lstrip("/")  # normpath keeps a leading "//"
+            inside = normal.startswith(self.root.rstrip("/") + "/")
+            return normal[len(self.root.rstrip("/")) + 1:] if inside else normal
         normal = os.path.normpath(path)  # what relpath gives for a path inside the folder, at a fifth of its cost
         if normal != os.pardir and not normal.startswith(os.pardir + os.sep):
             return normal.replace(os.sep, "/")
@@ -121,6 +125,9 @@ class ManifestSource(FolderSource):
 
     def classes(self) -> list[str]:
         return self._classes
+
+    def skip(self, folder: str) -> None:
+        """Nothing to skip: a manifest names its files, no folder is walked."""
 
     def _sorted_rows(self) -> Iterator[tuple[str, str | None]]:
         def run_rows(run):
@@ -138,13 +145,13 @@ class ManifestSource(FolderSource):
 
     def iter_items(self) -> Iterator[Item]:
         for rel, label in self._sorted_rows():
-            full = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
             try:
-                st = os.stat(full)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, -1  # reported as a failure when opened
-            yield Item(rel, rel, sys.intern(label) if label is not None else None, size, mtime)
+                st = os.stat(os.path.join(self.root, rel))  # REL when absolute
+                base.check_regular(st.st_mode)
+            except OSError as e:  # missing, unreadable, or a FIFO, device or folder: a failure, never opened
+                yield self._failure(rel, os_reason(e))
+                continue
+            yield Item(rel, rel, sys.intern(label) if label is not None else None, st.st_size, st.st_mtime_ns)
 
     @classmethod
     def from_spec(cls, rest: str, split: str) -> "ManifestSource":
