@@ -37,7 +37,8 @@ with warnings.catch_warnings():
 
 from featstore.encode import encode  # noqa: E402
 from featstore.hardware import capability_line  # noqa: E402
-from featstore.models import encode_image, load_model  # noqa: E402
+from featstore.models import load_model  # noqa: E402
+from featstore.models.openai import encode_image  # noqa: E402
 from featstore.store import Store  # noqa: E402
 
 KINDS = {"cifar": ((32, 32), "png"), "jpeg": ((640, 480), "jpg")}
@@ -76,7 +77,7 @@ def _reference(root: str) -> tuple[float, np.ndarray]:
 
 class Reference:
     """The seed loop run in a fresh process that loads the same model once. featstore's encode fixes its
-    process's malloc thresholds (``featstore.encode._steady_heap``), and those sped the seed's batch-100
+    process's malloc thresholds (``featstore.encode.runner._steady_heap``), and those sped the seed's batch-100
     forwards up too (16.3 img/s with glibc's defaults, 17.4-19.7 with them): the seed runs with the defaults."""
 
     def __init__(self, spec: str, device: str):
@@ -163,7 +164,7 @@ def main() -> None:
     print(capability_line(), flush=True)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     precisions = (args.precisions or ("fp16" if cuda else "fp32,bf16")).split(",")
-    from featstore.encode import default_batch_size
+    from featstore.encode.reader import default_batch_size
 
     batch_size = args.batch_size or default_batch_size(torch.device("cuda" if cuda else "cpu"))
     ref_model = load_model(args.model, args.device)  # fp32 on CPU, fp16 on CUDA: clip.load's choice

@@ -32,7 +32,7 @@ def add_night(src: str, night: int, files: int) -> None:
         Image.new("RGB", (8, 8), (k % 256, night % 256, 7)).save(os.path.join(folder, f"{k:06d}_{night:04d}.png"))
 
 
-WALK = ("import re, sys, time; from featstore.plan import make_plan; from featstore.sources import open_source; "
+WALK = ("import re, sys, time; from featstore.encode.plan import make_plan; from featstore.sources import open_source; "
         "from featstore.store import Store; store = Store(sys.argv[2]); source = open_source(sys.argv[1], 'train'); "
         "started = time.perf_counter(); "
         "plan = make_plan(store, 'train', source.iter_items(), source, store.class_ids(source.classes())); "

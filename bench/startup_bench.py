@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="featstore-startup-") as root:
         checkpoint = os.path.join(root, "model.pt")
         subprocess.run([sys.executable, "-c",
-                        "import sys, torch; from featstore.models import _random_state_dict; "
+                        "import sys, torch; from featstore.models.openai import _random_state_dict; "
                         "state, _ = _random_state_dict('random:' + sys.argv[1]); "
                         "torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, sys.argv[2])",
                         args.model, checkpoint], check=True)
