@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import sys
 from typing import List, Optional
@@ -17,13 +19,75 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="A batch feature store for CLIP embeddings: encode, labels, query, probe.")
 
 
+def _finite(data):
+    """DATA with every NaN or infinite float turned into None (JSON null): JSON has no spelling for them."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
+
+
 def _print_json(data) -> None:
-    typer.echo(json.dumps(data, indent=None if not sys.stdout.isatty() else 1))
+    typer.echo(json.dumps(_finite(data), allow_nan=False, indent=None if not sys.stdout.isatty() else 1))
+
+
+def _escape_code(c: int) -> str:
+    if 0xDC80 <= c <= 0xDCFF:  # a byte that was not UTF-8, as Python decodes file names (surrogateescape)
+        return f"\\x{c - 0xDC00:02x}"
+    return {9: "\\t", 10: "\\n", 13: "\\r"}.get(c, f"\\x{c:02x}" if c < 0x80 else f"\\u{c:04x}")
+
+
+# control characters, line and paragraph separators, and lone surrogates (non-UTF-8 bytes included)
+_UNPRINTABLE = {c: _escape_code(c) for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0xD800, 0xE000))}
+
+
+def _one_line(text: str) -> str:
+    """TEXT as one printable line: control characters and bytes that are not UTF-8 become backslash escapes."""
+    return text.translate(_UNPRINTABLE)
+
+
+def _field(text: str) -> str:
+    """A tab-separated field that cannot be forged: backslashes, tabs and newlines escaped (reversibly)."""
+    return _one_line(text.replace("\\", "\\\\"))
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"featstore: error: {message}", err=True)
+    typer.echo(f"featstore: error: {_one_line(message)}", err=True)
     raise typer.Exit(code)
+
+
+# OSErrors that describe the environment (permissions, a read-only or full disk, a bad path), not a bug:
+# one line and exit 2, like bad input
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO,
+                      errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP,
+                      errno.EMFILE, errno.ENFILE}
+CLOSED_STDOUT = 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe
+
+
+def _os_error_line(e: OSError, store: Optional[str]) -> str:
+    path = e.filename if isinstance(e.filename, str) else None
+    line = f"{path}: {e.strerror}" if path else str(e.strerror or e)
+    inside = store and path and (os.path.abspath(path) + os.sep).startswith(os.path.abspath(store) + os.sep)
+    if inside and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"store {store} is read-only to this process: {line}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{line} (free some space and rerun)"
+    return line
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (``featstore info DIR | head -1``)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _guard(function):
@@ -32,7 +96,10 @@ def _guard(function):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        store = kwargs.get("store")
         try:
+            if isinstance(store, str) and os.path.exists(store) and not os.path.isdir(store):
+                raise FeatstoreError(f"store path {store} is not a folder")
             return function(*args, **kwargs)
         except FeatstoreError as e:
             _fail(str(e), e.exit_code)
@@ -41,8 +108,15 @@ def _guard(function):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
+            if isinstance(e, BrokenPipeError) and _stdout_closed():
+                # the reader of our output has gone: no message, no traceback, and no second error when Python
+                # flushes stdout at exit (the Python docs' recipe: point stdout at /dev/null)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise typer.Exit(CLOSED_STDOUT) from None
             if os.environ.get("FEATSTORE_DEBUG"):
                 raise
+            if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+                _fail(_os_error_line(e, store), 2)
             _fail(f"{type(e).__name__}: {e} (set FEATSTORE_DEBUG=1 for a traceback)", 1)
 
     return wrapper
@@ -58,7 +132,9 @@ def encode(
     source: str = typer.Argument(..., help="Folder, cifar10:ROOT[:train|test], cifar100:ROOT[:train|test] or manifest:FILE"),
     store: str = typer.Option(..., "--store", help="Store directory (created if missing)"),
     split: str = typer.Option(..., "--split", help="Split name, e.g. train"),
-    model: str = typer.Option("ViT-B/32", "--model", help="openai name, checkpoint path, or random:ARCH[:SEED]"),
+    model: str = typer.Option("ViT-B/32", "--model", help=(
+        "NAME or PATH (openai CLIP; also openai:NAME|PATH), random:ARCH[:SEED], "
+        "open_clip:ARCH[:PRETRAINED_TAG_OR_PATH], open_clip:hf-hub:ORG/REPO, or hf:DIR_OR_REPO")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default 16 on CPU, 256 on CUDA)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes (default: by device)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -68,12 +144,15 @@ def encode(
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero when any image failed"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
+    allow_removals: bool = typer.Option(False, "--allow-removals",
+                                        help="Allow emptying the split, or removing over 25% of its rows (and over 100)"),
 ):
     """Encode SOURCE's images into split SPLIT of the store (only what changed since the last run)."""
     from featstore.encode import encode as run_encode
 
     result = run_encode(source, store, split, model=model, batch_size=batch_size, workers=workers, device=device,
-                        precision=precision, dtype=dtype, shard_rows=shard_rows, progress=not quiet)
+                        precision=precision, dtype=dtype, shard_rows=shard_rows, progress=not quiet,
+                        allow_removals=allow_removals)
     if as_json:
         _print_json(result)
     else:
@@ -183,7 +262,7 @@ def info(
         if as_json:
             _print_json(rows)
         for row in [] if as_json else rows:
-            typer.echo(f"{row['split']}\t{row['path']}\t{row['reason']}")
+            typer.echo("\t".join(_field(row[key]) for key in ("split", "path", "reason")))
         return
     summary = opened.summary()
     if as_json:
@@ -196,10 +275,10 @@ def info(
     classes = summary["classes"]
     typer.echo(f"store   {summary['store']}\nmodel   {describe(opened.manifest['model'])}\n"
                f"dim     {summary['dim']} ({summary['dtype']})\n"
-               f"classes {len(classes)}: {', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''}\n"
+               f"classes {len(classes)}: {_one_line(', '.join(classes[:8]))}{' ...' if len(classes) > 8 else ''}\n"
                f"labels  {'index of %d templates' % summary['templates'] if summary['label_index'] else 'none (run featstore labels)'}")
     for name, s in summary["splits"].items():
-        typer.echo(f"split {name}: {s['rows']} rows, {s['failed']} failed, {s['shards']} shards  <- {s['source']}")
+        typer.echo(f"split {name}: {s['rows']} rows, {s['failed']} failed, {s['shards']} shards  <- {_one_line(str(s['source']))}")
 
 
 @app.command()
@@ -213,7 +292,7 @@ def verify(store: str = typer.Argument(..., help="Store directory"), as_json: bo
         _print_json({"ok": not problems, "problems": problems})
     else:
         for p in problems:
-            typer.echo(f"{p['file']}: {p['problem']}", err=True)
+            typer.echo(_one_line(f"{p['file']}: {p['problem']}"), err=True)
         typer.echo("store ok" if not problems else f"{len(problems)} damaged or missing files; run featstore encode to repair")
     if problems:
         raise typer.Exit(1)

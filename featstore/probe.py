@@ -10,6 +10,7 @@ and the chosen C is refit on all of train.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ SOLVERS = ("torch", "sklearn")
 TOLERANCE = 1e-4  # sklearn's default: stop when no gradient entry (here: preconditioned) exceeds it
 VALIDATION_FRACTION = 0.2
 COARSE_GRID = [10.0 ** e for e in range(-6, 7, 2)]
+MIN_C = 1e-30  # below it the torch solver's float32 penalty 1 / (C n) can overflow; such a probe is all intercept
 ROWS_PER_CHUNK = 1024  # a chunk of features and its logits stay in cache between the two matmuls;
 #                       larger chunks were slower and left tens of MB of allocator pages behind
 PRECONDITIONER_WEIGHT = 0.1  # measured on CLIP-like features: 0.1 took the fewest iterations of 0.01..1
@@ -247,8 +249,8 @@ def probe(store_dir: str, train_split: str, test_split: str, C: float | None = N
     Memory: the train features once, as float32, loaded shard by shard; then the test features once.
     With a sweep, train rows are loaded validation-last so both parts are views, not copies.
     """
-    if C is not None and not C > 0:
-        raise FeatstoreError("--C must be positive")
+    if C is not None and not MIN_C <= C < math.inf:
+        raise FeatstoreError(f"--C must be positive, finite and at least {MIN_C:g} (got {C:g})")
     if max_iter < 1:
         raise FeatstoreError("--max-iter must be at least 1")
     if solver not in SOLVERS:
@@ -266,6 +268,10 @@ def probe(store_dir: str, train_split: str, test_split: str, C: float | None = N
 
     sweep = warm = None
     if C is None:
+        held_out = math.ceil(VALIDATION_FRACTION * len(targets))
+        if min(held_out, len(targets) - held_out) < len(classes):
+            raise FeatstoreError(f"split {train_split!r} has too few labelled rows ({len(targets)}) to choose C on a "
+                                 f"held-out {VALIDATION_FRACTION:.0%} with {len(classes)} classes: give --C")
         fit_rows, val_rows = validation_split(targets)
         order = np.concatenate([fit_rows, val_rows])
         train, targets = train.take(pa.array(order)), targets[order]

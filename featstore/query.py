@@ -81,8 +81,9 @@ def query_images(store_dir: str, images: list[str], top_k: int = 5, device: str 
     """Encode new image files with the store's model and rank the store's labels for each."""
     import torch
 
+    from featstore.encode.reader import failure_reason
     from featstore.models import load_recorded_model
-    from featstore.sources import decode_image
+    from featstore.sources.base import decode_image, read_file
 
     if top_k < 1:
         raise FeatstoreError("--top-k must be at least 1")
@@ -91,17 +92,16 @@ def query_images(store_dir: str, images: list[str], top_k: int = 5, device: str 
     pixels = []
     for path in images:
         try:
-            with open(path, "rb") as f:
-                pixels.append(f.read())
+            pixels.append(read_file(path))  # a FIFO or device is refused, never opened
         except OSError as e:
-            raise FeatstoreError(f"cannot read image {path}: {e.strerror}") from None
+            raise FeatstoreError(f"cannot read image {path}: {e.strerror or e}") from None
     model = load_recorded_model(store.manifest["model"], device)
     batch = []
     for path, data in zip(images, pixels):
         try:
             batch.append(model.preprocess(decode_image(data)))
         except Exception as e:
-            raise FeatstoreError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+            raise FeatstoreError(f"image {path}: {failure_reason(e)}") from None
     features = model.encode_images(torch.stack(batch)).numpy()
     ranked, probs = rank_labels(index, features)
     k = min(top_k, index.ntotal)
