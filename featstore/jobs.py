@@ -43,7 +43,8 @@ from featstore.errors import FeatstoreError, ModelUnavailable
 
 STEPS = ("encode", "labels", "query", "probe")
 STEP_SECTION = {"encode": "split", "labels": None, "query": "query", "probe": "probe"}  # what a step reads
-ENCODE_KEYS = {"model", "batch_size", "workers", "device", "precision", "dtype", "shard_rows", "allow_slow_bf16"}
+ENCODE_KEYS = {"model", "batch_size", "workers", "device", "precision", "dtype", "shard_rows", "allow_slow_bf16",
+               "allow_removals"}
 MANIFEST = "featstore.json"  # featstore.store.MANIFEST, written out: the store module is a heavy import
 # source prefix -> is the path after it joined to the job's folder when relative: always, or only when that
 # joined path exists (``hf:`` also names hub datasets, e.g. ``hf:frgfm/imagenette``, which stay as written).
@@ -135,6 +136,7 @@ JOB = {
     "workers": Key("integer", check=at_least(0)),
     "shard_rows": Key("integer", check=at_least(1)),
     "allow_slow_bf16": Key("boolean"),  # bf16 is meant even on a CPU without native bf16 (no warning)
+    "allow_removals": Key("boolean"),  # a run may remove more than a quarter of a split (encode --allow-removals)
     "steps": Key("strings", check=_steps),
     "split": Key("tables", schema=SPLIT),
     "labels": Key("table", schema=LABELS),

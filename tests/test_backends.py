@@ -5,6 +5,8 @@ zero-shot top-5), the store refuses to mix families, and openai specs keep worki
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
 import os
 
@@ -14,12 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import draw_image, featstore
+from conftest import CLASSES, draw_image, featstore
 from featstore.encode import encode
 from featstore.errors import FeatstoreError, ModelUnavailable
 from featstore.identity import same_model
 from featstore.labels import build_labels
 from featstore.models import load_model
+from featstore.models.open_clip import parse_spec
 from featstore.query import query_split
 from test_store import store_rows
 
@@ -76,13 +79,15 @@ def open_clip_reference(checkpoint: str) -> Reference:
                      lambda texts: model.encode_text(tokenizer(texts)))
 
 
-def hf_reference(folder: str) -> Reference:
-    from transformers import CLIPModel, CLIPProcessor
+def hf_reference(folder: str, padding: bool | str = True) -> Reference:
+    """transformers' own recipe: the folder's processor, prompts padded as the model card says (SigLIP:
+    padding="max_length")."""
+    from transformers import AutoModel, AutoProcessor
 
-    model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    model, processor = AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
     return Reference(
         lambda image: pooled(model.get_image_features(**processor(images=image, return_tensors="pt")))[0],
-        lambda texts: pooled(model.get_text_features(**processor(text=texts, padding=True, return_tensors="pt"))))
+        lambda texts: pooled(model.get_text_features(**processor(text=texts, padding=padding, return_tensors="pt"))))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +121,33 @@ def hf_folder(tmp_path_factory) -> str:
     CLIPModel(config).eval().save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
     write_clip_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def siglip_folder(tmp_path_factory) -> str:
+    """A random-weight transformers SiglipModel folder with its image processor and a SentencePiece tokenizer
+    trained here on the prompts' words (SigLIP's tokenizer is a SentencePiece model; none ships offline)."""
+    spm = pytest.importorskip("sentencepiece", reason="SigLIP's tokenizer needs the sentencepiece package")
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipTokenizer
+
+    folder = str(tmp_path_factory.mktemp("hf_siglip"))
+    corpus = [t.format(c) for t in TEMPLATES for c in CLASSES] + [" ".join(CLASSES)]
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 20), model_writer=model_file, vocab_size=64,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        f.write(model_file.getvalue())
+    tokenizer = SiglipTokenizer(os.path.join(folder, "spiece.model"), model_max_length=64)
+    torch.manual_seed(7)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+    config = SiglipConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=64, vocab_size=len(tokenizer), **ids),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16))
+    SiglipModel(config).eval().save_pretrained(folder)
+    SiglipProcessor(SiglipImageProcessor(size={"height": 64, "width": 64}), tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -185,6 +217,69 @@ def test_hf_clip_model_equals_transformers_own_code(hf_store, hf_folder, dataset
     assert_matches_reference(hf_store, dataset, hf_reference(hf_folder))
 
 
+def test_hf_siglip_model_equals_transformers_own_code(siglip_folder, tmp_path_factory, dataset):
+    store = encoded(tmp_path_factory.mktemp("siglip"), dataset, f"hf:{siglip_folder}")
+    identity = json.load(open(os.path.join(store, "featstore.json")))["model"]
+    assert identity["family"] == "hf" and identity["architecture"].startswith("SiglipModel(") and identity["dim"] == 64
+    reference = hf_reference(siglip_folder, padding="max_length")
+    assert_matches_reference(store, dataset, reference)
+    prompts = ["a photo of a ring.", "itap of a cross."]
+    mine = unit(load_model(f"hf:{siglip_folder}", "cpu").encode_texts(prompts))
+    with torch.no_grad():  # SigLIP pools the last position: prompts padded otherwise embed differently
+        full, short = (unit(r.texts(prompts).numpy()) for r in (reference, hf_reference(siglip_folder)))
+    assert (np.sum(mine * full, axis=1) >= 0.9999).all() and (np.sum(short * full, axis=1) < 0.99).all()
+
+
+def test_open_clip_vit_b_32_checkpoint_through_the_cli(tmp_path):
+    """A full-size open_clip architecture with a state dict saved the usual way, encoded by the command line."""
+    import open_clip
+
+    torch.manual_seed(8)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32-quickgelu", pretrained=None)
+    model.eval()
+    checkpoint = tmp_path / "vit-b-32-quickgelu.pt"
+    torch.save(model.state_dict(), checkpoint)
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        draw_image(i, 80 + i, (60 + 30 * i, 200 - 20 * i)).save(tmp_path / "images" / f"{i}.png")
+    store = str(tmp_path / "store")
+    spec = f"open_clip:ViT-B-32-quickgelu:{checkpoint}"
+    try:
+        featstore("encode", str(tmp_path / "images"), "--store", store, "--split", "x", "--model", spec,
+                  "--dtype", "float32", "--device", "cpu", "--quiet")
+    finally:
+        checkpoint.unlink()  # 600 MB
+    identity = json.load(open(os.path.join(store, "featstore.json")))["model"]
+    assert identity["family"] == "open_clip" and identity["spec"] == spec and identity["sha256"] == sha
+    assert identity["architecture"] == "ViT-B-32-quickgelu" and identity["dim"] == 512
+    assert not identity["random_weights"]
+    rows = store_rows(store, "x")
+    assert sorted(rows) == [f"{i}.png" for i in range(6)]
+    with torch.no_grad():
+        own = np.stack([model.encode_image(preprocess(Image.open(tmp_path / "images" / i)).unsqueeze(0))[0].numpy()
+                        for i in sorted(rows)])
+    assert (np.sum(unit(np.stack([rows[i] for i in sorted(rows)])) * unit(own), axis=1) >= 0.9999).all()
+
+
+def test_open_clip_hf_hub_names_are_whole_model_names(monkeypatch):
+    assert parse_spec("hf-hub:timm/ViT-B-16-SigLIP") == ("hf-hub:timm/ViT-B-16-SigLIP", "")
+    assert parse_spec("ViT-B-32:laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert parse_spec("ViT-B-32") == ("ViT-B-32", "")
+    import open_clip
+
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append((args, kwargs["pretrained"]))
+        raise RuntimeError("Failed initial config/weights load from HF Hub timm/ViT-B-16-SigLIP")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    with pytest.raises(ModelUnavailable, match=r"^cannot fetch open_clip hf-hub:timm/ViT-B-16-SigLIP config and "):
+        load_model("open_clip:hf-hub:timm/ViT-B-16-SigLIP", "cpu")
+    assert calls == [(("hf-hub:timm/ViT-B-16-SigLIP",), None)]
+
+
 def test_a_store_refuses_another_family(hf_store, open_clip_store, hf_folder, dataset):
     before = {s: (open(os.path.join(s, "featstore.json")).read(), store_rows(s, "test"))
               for s in (hf_store, open_clip_store)}
@@ -243,10 +338,19 @@ def test_openai_weights_without_quickgelu_warn_before_any_weights_load(monkeypat
     assert capsys.readouterr().err == ""  # the right architecture: no warning
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # how openai wrote its releases
+def test_open_clip_refuses_torchscript_archives_in_one_line(tmp_path):
+    path = str(tmp_path / "ViT-B-32.pt")  # openai's releases are TorchScript; open_clip reads state dicts only
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(FeatstoreError, match=r"is a TorchScript archive .*pass it as --model PATH"):
+        load_model(f"open_clip:ViT-B-32-quickgelu:{path}", "cpu")
+
+
 @pytest.mark.parametrize("spec, message", [
     ("open_clip:No-Such-Arch", "unknown open_clip architecture 'No-Such-Arch'"),
     ("open_clip:ViT-B-32:no-such-tag", "'no-such-tag' is neither a file nor a pretrained tag of open_clip ViT-B-32"),
     ("hf:/no/such/folder", "hf:/no/such/folder is neither a folder nor a model in the local Hugging Face cache"),
+    ("open_clip:hf-hub:", "open_clip:hf-hub: needs a repo"),
 ])
 def test_bad_specs_are_one_line(spec, message):
     with pytest.raises(FeatstoreError, match=message) as error:

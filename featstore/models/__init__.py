@@ -145,9 +145,3 @@ def load_recorded_model(identity: dict[str, Any], device: str = "auto") -> Embed
         raise FeatstoreError(f"checkpoint {identity['spec']} changed since the store was encoded (sha256 differs)")
     return model
 
-
-# the openai family's helpers, importable from here as before the families were split
-from featstore.models.openai import (  # noqa: E402  (openai.py imports Embedder and seeded from above)
-    ARCHITECTURES, CLIP_CACHE, OpenAIClip, _random_state_dict, architecture_name, cast_image_weights, encode_image,
-    is_vit,
-)
