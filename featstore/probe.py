@@ -48,22 +48,30 @@ class LinearProbe:
 
 # ---- solvers: fit(features, targets 0..k-1, classes, C, max_iter, warm) -> LinearProbe --------------
 def fit_sklearn(features, targets, classes, C, max_iter, warm=None) -> LinearProbe:
-    """The seed's call, ``LogisticRegression(random_state=0, C=C, max_iter=max_iter)``."""
+    """The seed's call, ``LogisticRegression(random_state=0, C=C, max_iter=max_iter)``.
+
+    sklearn fits only the classes present in TARGETS (a class whose one row was held out for validation is
+    absent); the probe keeps a row per class of CLASSES, and an absent class gets no score (never predicted)."""
     from sklearn.linear_model import LogisticRegression
 
+    present = np.unique(targets)
     classifier = LogisticRegression(random_state=0, C=C, max_iter=max_iter, warm_start=warm is not None)
     if warm is not None:
-        coef, intercept = warm.coef_, warm.intercept_
-        if len(classes) == 2:
+        coef, intercept = warm.coef_[present], warm.intercept_[present]
+        intercept = np.where(np.isfinite(intercept), intercept, 0.0)  # a class the warm fit did not see
+        if len(present) == 2:
             coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
         classifier.coef_, classifier.intercept_ = coef.copy(), intercept.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning: max_iter is the user's choice, as in the seed
         classifier.fit(features, targets)
     coef, intercept = classifier.coef_, classifier.intercept_
-    if len(classes) == 2:  # sklearn keeps one row for two classes; the probe file always has one per class
+    if len(present) == 2:  # sklearn keeps one row for two classes; the probe file always has one per class
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    return LinearProbe(coef, intercept, classes, int(classifier.n_iter_[0]))
+    full_coef = np.zeros((len(classes), coef.shape[1]), dtype=coef.dtype)
+    full_intercept = np.full(len(classes), -np.inf, dtype=intercept.dtype)
+    full_coef[present], full_intercept[present] = coef, intercept
+    return LinearProbe(full_coef, full_intercept, classes, int(classifier.n_iter_[0]))
 
 
 def fit_torch(features, targets, classes, C, max_iter, warm=None, device: str = "cpu",

@@ -73,3 +73,23 @@ def test_sweep_stops_past_the_peak_and_refines_around_it():
     refined = set(scores) - set(coarse)
     coarse_best = max(coarse, key=lambda c: (scores[c], -abs(np.log10(c))))  # sweep_C breaks ties towards 1
     assert len(refined) >= 2 and all(abs(np.log10(c / coarse_best)) <= 1 + 1e-9 for c in refined)
+
+
+@pytest.mark.parametrize("fit", [fit_sklearn, fit_torch])
+def test_a_class_missing_from_the_fit_rows_keeps_its_row_and_is_never_predicted(fit):
+    """A class whose only row went to validation is absent from the fit: the probe still has one row per class
+    (so class ids stay aligned), predicts only classes it saw, and agrees with sklearn's own fit on them."""
+    x, targets = separable_enough(300, 8, 4, seed=3)
+    seen = targets != 2
+    classes = np.array([10, 11, 12, 13])
+    probe = fit(x[seen], targets[seen], classes, 1.0, 1000)
+    assert probe.coef_.shape == (4, 8) and probe.intercept_.shape == (4,)
+    predicted = probe.predict(x)
+    assert 12 not in predicted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = LogisticRegression(random_state=0, C=1.0, max_iter=1000).fit(x[seen], targets[seen])
+    agreement = (predicted == classes[reference.predict(x)]).mean()
+    assert agreement >= 0.98, agreement
+    warm = fit(x, targets, classes, 1.0, 1000, warm=probe)  # a warm start from it fits every class
+    assert np.isfinite(warm.intercept_).all() and set(warm.predict(x)) == set(classes)
