@@ -11,7 +11,6 @@ split has more than ``AUTO_RUNS`` runs.
 
 from __future__ import annotations
 
-import heapq
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ import pyarrow as pa
 
 from featstore.errors import FeatstoreError
 from featstore.store import DEFAULT_SHARD_ROWS, Store, conform, run_batches, shard_schema
+from featstore.store.merge import merge_sorted
 
 AUTO_RUNS = 16  # encode compacts a split that has more runs than this...
 AUTO_KEEP = 8  # ...down to this many (merging the smallest: a row is rewritten a few times in its life, not nightly)
@@ -38,7 +38,7 @@ def compact(store_dir: str, split: str | None = None, max_runs: int = 1, shard_r
     store = Store.open(store_dir)
     started = time.perf_counter()
     with store.lock("featstore compact"):
-        splits = [split] if split is not None else sorted(store.manifest["splits"])
+        splits = [split] if split is not None else sorted(store.manifest.splits)
         for name in splits:
             store.split_info(name)  # an unknown split is refused before any work
         results = {}
@@ -56,7 +56,7 @@ def compact_split(store: Store, split: str, max_runs: int, shard_rows: int, prog
     before, rewritten = len(runs), 0
     while before > when_over and len(runs) > max_runs:
         shards = store.shards(split)
-        rows = [sum(shards[os.path.basename(path)]["rows"] for path in run) for run in runs]
+        rows = [sum(shards[os.path.basename(path)].rows for path in run) for run in runs]
         order = sorted(range(len(runs)), key=rows.__getitem__)
         smallest = [runs[number] for number in order[:min(FAN_IN, len(runs) - max_runs + 1)]]
         rewritten += _merge(store, split, smallest, shard_rows, progress)
@@ -68,9 +68,9 @@ def _merge(store: Store, split: str, runs: list[list[str]], shard_rows: int, pro
     """Rewrite the rows of RUNS as one sorted run of SHARD_ROWS-row shards; returns the rows rewritten."""
     from tqdm import tqdm
 
-    schema = shard_schema(store.dim, store.manifest["dtype"], store.manifest["model"])
+    schema = shard_schema(store.dim, store.manifest.dtype, store.manifest.model)
     dropped = {os.path.basename(path) for run in runs for path in run}
-    total = sum(store.shards(split)[name]["rows"] for name in dropped)
+    total = sum(store.shards(split)[name].rows for name in dropped)
     with store.rewrite_shards(split, dropped) as write, \
             tqdm(total=total, unit=" rows", desc="compact", disable=not progress, file=sys.stderr) as bar:
         for table in _merged(runs, max(64, MERGE_ROWS // len(runs)), shard_rows, schema):
@@ -98,7 +98,7 @@ def _merged(runs: list[list[str]], batch_rows: int, shard_rows: int, schema: pa.
         pieces.append(conform(pa.Table.from_batches([batch.take(pa.array(rows, pa.int64()))]), schema))
 
     count = 0
-    for _, run, batch, row in heapq.merge(*(keyed(n, run) for n, run in enumerate(runs)), key=lambda r: r[0]):
+    for _, run, batch, row in merge_sorted(keyed(n, run) for n, run in enumerate(runs)):
         if run in picked and picked[run][0] is not batch:
             take(run)  # the merge has left that batch for good
         picked.setdefault(run, (batch, []))[1].append(row)

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 
 from featstore.data import named_or_file
 from featstore.errors import FeatstoreError
-from featstore.manifest import CLASSES_NAME, INDEX_NAME
+from featstore.store.schema import CLASSES_NAME, INDEX_NAME
 from featstore.models import load_recorded_model
-from featstore.store import LABELS, Store, atomic_write, sha256_file
+from featstore.store import LABELS, LabelIndex, Store, atomic_write, sha256_file
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -85,7 +85,7 @@ def build_labels(store_dir: str, templates: list[str] | None = None, templates_f
         raise FeatstoreError(f"store {store.root} has no classes: encode a labelled source, or a folder of class folders")
     resolve_display_names(store.classes, classes_file)  # a bad --classes file is refused before the model loads
     folder = labels_folder(store)
-    model = load_recorded_model(store.manifest["model"], device)
+    model = load_recorded_model(store.manifest.model, device)
     with store.lock("featstore labels"):
         classes = store.classes  # as committed now: taking the lock read the manifest again
         display = resolve_display_names(classes, classes_file)
@@ -103,17 +103,11 @@ def build_labels(store_dir: str, templates: list[str] | None = None, templates_f
         index.add(embeddings)
         atomic_write(table_path, lambda tmp: pq.write_table(table, tmp))
         atomic_write(index_path, lambda tmp: faiss.write_index(index, tmp))
-        store.manifest["labels"] = {
-            "classes": len(classes),
-            "templates": chosen,
-            "display_names": display,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "index_file": os.path.basename(index_path),
-            "index_sha256": sha256_file(index_path),
-            "classes_file": os.path.basename(table_path),
-            "classes_sha256": sha256_file(table_path),
-        }
-        store.save()  # the commit
+        store.set_labels(LabelIndex(  # the commit
+            classes=len(classes), templates=chosen, display_names=display,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            index_file=os.path.basename(index_path), index_sha256=sha256_file(index_path),
+            classes_file=os.path.basename(table_path), classes_sha256=sha256_file(table_path)))
         remove_unnamed(folder, {os.path.basename(index_path), os.path.basename(table_path)})
     return {"store": store.root, "classes": len(classes), "templates": len(chosen),
             "index": os.path.relpath(index_path, store.root)}
@@ -146,12 +140,12 @@ def load_label_index(store: Store):
     import faiss
 
     for attempt in range(2):
-        labels = store.manifest.get("labels")
+        labels = store.manifest.labels
         if not labels:
             raise FeatstoreError(f"store {store.root} has no label index: run featstore labels {store.root}")
-        if labels["classes"] != len(store.classes):
+        if labels.classes != len(store.classes):
             raise FeatstoreError(
-                f"label index covers {labels['classes']} classes but the store now has {len(store.classes)}: "
+                f"label index covers {labels.classes} classes but the store now has {len(store.classes)}: "
                 f"run featstore labels {store.root} again"
             )
         path = store.label_paths()[0]
@@ -164,13 +158,13 @@ def load_label_index(store: Store):
             data = f.read()
     except OSError as e:
         raise FeatstoreError(f"cannot read label index {path} ({e.strerror}): {again}") from None
-    if hashlib.sha256(data).hexdigest() != labels["index_sha256"]:
+    if hashlib.sha256(data).hexdigest() != labels.index_sha256:
         raise FeatstoreError(f"label index {path} is damaged (checksum mismatch): {again}")
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except Exception:
         raise FeatstoreError(f"cannot read label index {path}: {again}") from None
-    if index.ntotal != labels["classes"] or index.d != store.dim:
-        raise FeatstoreError(f"label index {path} holds {index.ntotal} x {index.d}, not {labels['classes']} classes "
+    if index.ntotal != labels.classes or index.d != store.dim:
+        raise FeatstoreError(f"label index {path} holds {index.ntotal} x {index.d}, not {labels.classes} classes "
                              f"x {store.dim}: {again}")
-    return index, labels["display_names"]
+    return index, labels.display_names

@@ -14,11 +14,11 @@ from conftest import REPO, draw_image, featstore
 from test_operations import shard_fingerprints
 
 import featstore.encode as encode_module
-import featstore.store as store_module
+import featstore.store.exchange as store_module
 from featstore.compact import compact
 from featstore.encode import encode
 from featstore.errors import FeatstoreError
-from featstore.store import EXCHANGE, Store
+from featstore.store import Store
 
 OPTIONS = dict(model="random:tiny", batch_size=4, workers=0, shard_rows=4, progress=False)
 
@@ -93,18 +93,18 @@ def test_a_kill_during_compaction_leaves_a_readable_split_the_next_writer_settle
     _, store = interleaved_store(tmp_path)
     before = plain_rows(store)
     swap = "os._exit(9)" if moment == "before the exchange" else "(exchange(a, b), os._exit(9))"
-    killed = ("import os, sys; import featstore.store as s; exchange = s.exchange_folders; "
+    killed = ("import os, sys; import featstore.store.exchange as s; exchange = s.exchange_folders; "
               f"s.exchange_folders = lambda a, b: {swap}; "
               "from featstore.compact import compact; compact(sys.argv[1], progress=False)")
     assert subprocess.run([sys.executable, "-c", killed, store], cwd=REPO).returncode == 9
-    assert EXCHANGE in Store(store).split_info("train")  # the kill came between record and promotion
+    assert Store(store).split_info("train").exchange is not None  # the kill came between record and promotion
     assert plain_rows(store) == before == Store(store).read_split("train").to_pylist()
     assert featstore("verify", store).returncode == 0
     assert len(runs(store)) == (4 if moment == "before the exchange" else 1)
 
     result = compact(store, progress=False)["splits"]["train"]
     assert result["runs"] == 1 and result["rows_rewritten"] == (40 if moment == "before the exchange" else 0)
-    assert EXCHANGE not in Store(store).split_info("train")
+    assert Store(store).split_info("train").exchange is None
     assert [n for n in os.listdir(store) if n.startswith(".")] == [".lock"]
     assert plain_rows(store) == before
     assert featstore("verify", store).returncode == 0

@@ -286,9 +286,9 @@ def label_set(store: str) -> tuple[list[str], np.ndarray]:
     index, names = load_label_index(opened)
     vectors = index.reconstruct_n(0, index.ntotal)
     table = pq.read_table(opened.label_paths()[1])
-    assert names == table.column("display").to_pylist() == opened.manifest["labels"]["display_names"]
+    assert names == table.column("display").to_pylist() == opened.manifest.labels.display_names
     np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist(), np.float32), vectors)
-    return opened.manifest["labels"]["templates"], vectors
+    return opened.manifest.labels.templates, vectors
 
 
 def test_labels_killed_at_every_step_leaves_the_old_or_the_new_set(tmp_path, store):
@@ -379,7 +379,7 @@ def test_the_shard_counter_grows_past_six_digits(tmp_path, store):
     assert numbers(folder) == ["part-1000001"]
     ids = Store.open(store).read_split("more", ["id"]).column("id").to_pylist()
     assert ids == sorted(os.path.relpath(os.path.join(d, f), source) for d, _, fs in os.walk(source) for f in fs)
-    assert Store.open(store).manifest["next_shard"] == 1_000_002 and cli("verify", store).exit_code == 0
+    assert Store.open(store).manifest.next_shard == 1_000_002 and cli("verify", store).exit_code == 0
 
 
 def test_an_exhausted_shard_counter_is_refused_and_nothing_is_lost(tmp_path, store):

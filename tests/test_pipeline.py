@@ -114,11 +114,11 @@ def test_listings_walk_in_step_with_stored_rows(tmp_path, monkeypatch):
     and a manifest in any order lists the same ids."""
     import featstore.encode.plan
     import featstore.sources.base
-    import featstore.store
+    import featstore.store.shards
 
     for module in (featstore.encode.plan, featstore.sources.base):  # listings, stored rows and the plan in batches of 3
         monkeypatch.setattr(module, "PLAN_BATCH", 3)
-    monkeypatch.setattr(featstore.store, "READ_ROWS", 3)
+    monkeypatch.setattr(featstore.store.shards, "READ_ROWS", 3)
     src = tmp_path / "src"
     names = ["a/1.png", "a-b.png", "a b/2.png", "a0/3.png", "a/b/4.png", "ab.png", "\u00e9/5.png", "Z/6.png"]
     for i, name in enumerate(names):
@@ -271,7 +271,7 @@ def test_probe_sweep_and_saved_classifier(tmp_path, dataset, checkpoint):
     predictions = arrays["classes"][np.argmax(x_test @ arrays["coef"].T + arrays["intercept"], axis=1)]
     np.testing.assert_array_equal(predictions, expected.predict(x_test))
     assert result["acc1"] == pytest.approx(float((predictions == y_test).mean()))
-    assert meta["classes"] == s.classes and meta["model"]["sha256"] == s.manifest["model"]["sha256"]
+    assert meta["classes"] == s.classes and meta["model"]["sha256"] == s.manifest.model["sha256"]
 
 
 def test_demo_job_runs_offline(tmp_path):

@@ -324,7 +324,7 @@ def test_shards_without_a_caption_column_still_read_patch_and_compact(tmp_path):
     assert len(old.sorted_runs("train")) == 2
     for name, record in old.shards("train").items():  # as an older featstore wrote them
         path = os.path.join(old.split_dir("train"), name)
-        record.update(write_parquet(pq.read_table(path).drop_columns(["caption"]), path), mtime_ns=os.stat(path).st_mtime_ns)
+        record.commit(write_parquet(pq.read_table(path).drop_columns(["caption"]), path), os.stat(path).st_mtime_ns)
     old.save()
     assert Store(store).read_split("train").column("caption").null_count == 4
     draw_image(3, 99).save(paths[0])

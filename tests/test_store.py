@@ -101,7 +101,7 @@ def test_duckdb_and_polars_read_the_shards(tmp_path, dataset):
 def test_fill_embeddings_places_every_located_row(tmp_path, monkeypatch):
     """The probe's streaming reader: rows spread over several shards and record batches, asked for in any
     order (the sweep asks validation-last), land in the right rows of the matrix, in float32, from float16."""
-    import featstore.store as store_module
+    import featstore.store.shards as store_module
     from featstore.encode.plan import Plan
     from featstore.encode.writer import ShardWriter
     from featstore.sources import Item
@@ -132,7 +132,7 @@ def test_rows_stream_in_id_order_from_interleaved_runs(tmp_path, monkeypatch):
     """A rerun reads the stored rows in id order without loading the split: shards are written sorted by id
     (and say so in their footer), shards whose id ranges follow one another are read as one run, and the
     runs are merged. A shard without the mark (written by an older featstore) is sorted as it is read."""
-    import featstore.store as store_module
+    import featstore.store.shards as store_module
     from featstore.encode.plan import Plan
     from featstore.encode.writer import ShardWriter
     from featstore.sources import Item
@@ -170,6 +170,6 @@ def test_rows_stream_in_id_order_from_interleaved_runs(tmp_path, monkeypatch):
         pq.write_table(legacy.take(list(range(legacy.num_rows))[::-1]), paths[0])
         assert pq.read_metadata(paths[0]).row_group(0).sorting_columns == ()
         with store.lock("test"):  # recorded as that featstore would have recorded it
-            store.split_info("train")["shards"][os.path.basename(paths[0])].update(
-                bytes=os.path.getsize(paths[0]), sha256=sha256_file(paths[0]), mtime_ns=os.stat(paths[0]).st_mtime_ns)
+            record = store.split_info("train").shards[os.path.basename(paths[0])]
+            record.bytes, record.sha256, record.mtime_ns = os.path.getsize(paths[0]), sha256_file(paths[0]), os.stat(paths[0]).st_mtime_ns
             store.save()

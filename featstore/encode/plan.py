@@ -13,14 +13,15 @@ import hashlib
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 
 from featstore.errors import FeatstoreError
 from featstore.sources import PLAN_BATCH, Item
 from featstore.sources.folder import os_reason
-from featstore.store import Store
+from featstore.store import Failure, Store
+from featstore.store.merge import InOrder
 
 # a plan removing more than this share of a split's rows, and more than this many, needs allow_removals
 MASS_REMOVAL_SHARE, MASS_REMOVAL_ROWS = 0.25, 100
@@ -146,25 +147,6 @@ class Plan:
                 spill.discard()
 
 
-class InOrder:
-    """Rows of a stream sorted by their first field, looked up by keys asked in increasing order: a merge, one
-    pass and no index. The stream is started at the first lookup."""
-
-    def __init__(self, rows: Iterable[tuple]):
-        self._rows: Iterator[tuple] | Iterable[tuple] = rows
-        self._row: tuple | None = None
-        self._started = False
-
-    def get(self, key: str) -> tuple | None:
-        """The row whose first field is KEY, or None; rows before it are passed for good."""
-        if not self._started:
-            self._rows, self._started = iter(self._rows), True
-            self._row = next(self._rows, None)
-        while self._row is not None and self._row[0] < key:
-            self._row = next(self._rows, None)
-        return self._row if self._row is not None and self._row[0] == key else None
-
-
 def _stored_rows(store: Store, split: str, hashes: bool) -> Iterator[tuple]:
     """(id, shard, size, mtime_ns, sha256 or None without HASHES, label) of every stored row of the split,
     in id order, streamed from the shards (``Store.iter_rows``); the sha256 column is read only when the
@@ -187,7 +169,7 @@ def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids
     written (see ``_check_removals``)."""
     folder = store.split_dir(split)
     plan = Plan(to_encode=SpilledItems(folder), changes=Spill(folder, "changes", CHANGES))
-    failed = store.split_info(split)["failed"]
+    failed = store.split_info(split).failed
     listed_failures = set()
     stored_hashes = InOrder(store.iter_rows(split, ["sha256"]))  # read only once a fingerprint changed
     previous = None
@@ -212,7 +194,7 @@ def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids
                 continue
             if row is None or row[0] != item.id:
                 record = failed.get(item.id)
-                if record and (record["size"], record["mtime_ns"], record.get("sha256")) == (item.size, item.mtime_ns, item.sha256):
+                if record and (record.size, record.mtime_ns, record.sha256) == (item.size, item.mtime_ns, item.sha256):
                     plan.kept_failures += 1  # retried only once the file changes
                 else:
                     plan.to_encode.append(item)
@@ -256,12 +238,16 @@ def make_plan(store: Store, split: str, items: Iterator[Item], source, label_ids
     return plan
 
 
-def _record_failure(failed: dict[str, dict], item: Item, reason: str) -> bool:
+def failure(item: Item, reason: str) -> Failure:
+    """The failure record of ITEM, with its fingerprint (it is retried once the file changes)."""
+    return Failure(item.path, reason, item.size, item.mtime_ns, item.sha256)
+
+
+def _record_failure(failed: dict[str, Failure], item: Item, reason: str) -> bool:
     """Record ITEM's failure; whether it is new (no record with this reason before)."""
-    new = failed.get(item.id, {}).get("reason") != reason
-    failed[item.id] = {"path": item.path, "reason": reason, "size": item.size, "mtime_ns": item.mtime_ns,
-                       "sha256": item.sha256}
-    return new
+    old = failed.get(item.id)
+    failed[item.id] = failure(item, reason)
+    return old is None or old.reason != reason
 
 
 def _check_removals(plan: Plan, source, split: str, listed: bool) -> None:

@@ -17,9 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from featstore.encode.plan import CHANGED, RETOUCHED, InOrder, Plan, Spill
+from featstore.encode.plan import CHANGED, RETOUCHED, Plan, Spill, failure
 from featstore.sources import Item
-from featstore.store import Store, id_range, read_shard, shard_schema
+from featstore.store import Failure, Store, id_range, read_shard, shard_schema
+from featstore.store.merge import InOrder
 
 
 @dataclass
@@ -51,10 +52,10 @@ class ShardWriter:
     def __init__(self, store: Store, split: str, plan: Plan, label_ids: dict[str, int], shard_rows: int):
         self.store, self.split, self.plan, self.label_ids = store, split, plan, label_ids
         self.shard_rows = shard_rows
-        self.schema = shard_schema(store.dim, store.manifest["dtype"], store.manifest["model"])
+        self.schema = shard_schema(store.dim, store.manifest.dtype, store.manifest.model)
         self.buffer: list[pa.Table] = []
         self.buffered = 0
-        self.failures: dict[str, dict] = {}
+        self.failures: dict[str, Failure] = {}
         self.replacements = Spill(store.split_dir(split), "replace", self.schema)
         self._changed = InOrder(row for row in plan.changes if row[2] == CHANGED)  # in id order
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-writer")
@@ -64,7 +65,7 @@ class ShardWriter:
 
     @property
     def dtype(self) -> type:
-        return np.float16 if self.store.manifest["dtype"] == "float16" else np.float32
+        return np.float16 if self.store.manifest.dtype == "float16" else np.float32
 
     def rows(self, items: list[Item], embeddings: np.ndarray, shas: list[str]) -> pa.Table:
         flat = pa.array(np.ascontiguousarray(embeddings, dtype=self.dtype).reshape(-1))
@@ -87,16 +88,14 @@ class ShardWriter:
     def add(self, items: list[Item], embeddings: np.ndarray, shas: list[str], failures: list[tuple[Item, str]]) -> None:
         """Rows of encoded ITEMS, which come in id order (the plan's order)."""
         for item, reason in failures:
-            self.failures[item.id] = {"path": item.path, "reason": reason, "size": item.size,
-                                      "mtime_ns": item.mtime_ns, "sha256": item.sha256}
+            self.failures[item.id] = failure(item, reason)
         if not items:
             return
         with np.errstate(over="ignore"):  # a value past float16's range becomes inf, refused just below
             finite = np.isfinite(np.asarray(embeddings, dtype=self.dtype)).all(axis=1)  # in the stored type
         if not finite.all():  # a reader would refuse the shard: the image fails instead
             for item in (item for item, ok in zip(items, finite) if not ok):
-                self.failures[item.id] = {"path": item.path, "reason": NOT_FINITE, "size": item.size,
-                                          "mtime_ns": item.mtime_ns, "sha256": item.sha256}
+                self.failures[item.id] = failure(item, NOT_FINITE)
             keep = np.flatnonzero(finite)
             items, embeddings, shas = [items[i] for i in keep], embeddings[keep], [shas[i] for i in keep]
             if not items:
@@ -125,8 +124,8 @@ class ShardWriter:
             self.pending.pop(0).result()
         self.pending.append(self.pool.submit(self._commit, table, failures))
 
-    def _commit(self, table: pa.Table, failures: dict[str, dict]) -> None:
-        failed = self.store.split_info(self.split)["failed"]
+    def _commit(self, table: pa.Table, failures: dict[str, Failure]) -> None:
+        failed = self.store.split_info(self.split).failed
         failed.update(failures)
         for row_id in table.column("id").to_pylist():
             failed.pop(row_id, None)
@@ -186,7 +185,7 @@ class ShardWriter:
         new_rows = pa.Table.from_batches([batch.take(pa.array(numbers, pa.int64())) for batch, numbers in changes.new_rows],
                                          schema=self.schema)
         patched = pa.concat_tables([keep, new_rows, self._retouch(table, changes.retouched)])
-        failed = self.store.split_info(self.split)["failed"]
+        failed = self.store.split_info(self.split).failed
         for row_id in new_rows.column("id").to_pylist():
             failed.pop(row_id, None)
         if patched.num_rows:

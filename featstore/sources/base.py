@@ -107,7 +107,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 class Source(Protocol):
     """Where images come from. ``spec`` is recorded in the manifest; ``lists_hashes`` says whether listed
-    items carry their sha256 (in-memory sources) or it is known only once a file is read."""
+    items carry their sha256 (in-memory sources) or it is known only once a file is read. Source kinds
+    subclass it, and so inherit ``skip``'s default."""
 
     spec: str
     lists_hashes: bool
@@ -118,11 +119,14 @@ class Source(Protocol):
     def iter_items(self) -> Iterator[Item]:
         """Every item, in id order (plain string order of ``Item.id``), without decoding. What cannot be listed
         comes as an Item with ``error`` set (a folder's id ending with "/"): the plan records it as a failure and
-        keeps the stored rows it may hide. A source that walks folders also has ``skip(folder)``, which encode
-        calls with the store's root."""
+        keeps the stored rows it may hide."""
 
     def read(self, item: Item) -> bytes:
         """The item's bytes (hashed by the plan when a fingerprint changed)."""
 
     def open(self, item: Item) -> tuple[str, Image.Image]:
         """(sha256 of the item's bytes, its RGB image)."""
+
+    def skip(self, folder: str) -> None:
+        """Never list what lies in FOLDER (encode passes the store's root, which may sit inside a walked
+        source). Nothing to do for a source that walks no folder."""

@@ -11,10 +11,11 @@ import numpy as np
 from PIL import Image
 
 from featstore.errors import FeatstoreError
+from featstore.sources import base
 from featstore.sources.base import Item
 
 
-class CifarSource:
+class CifarSource(base.Source):
     """CIFAR-10/100 python pickle archives laid out as torchvision downloads them (``ROOT/cifar-100-python``)."""
 
     LAYOUT = {

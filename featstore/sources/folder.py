@@ -56,7 +56,7 @@ def _broken_link(path: str) -> str:
     return "symlink changed while listed"
 
 
-class FolderSource:
+class FolderSource(base.Source):
     """A directory of images; first-level subfolders holding images are classes named by the folder, a flat
     folder is unlabelled."""
 

@@ -47,7 +47,7 @@ def _load(target: str, config: str | None, split: str | None, on_disk: bool):
         datasets.logging.set_verbosity(verbosity)
 
 
-class HfSource:
+class HfSource(base.Source):
     """One split of a Hugging Face dataset; see the module's notes."""
 
     lists_hashes = False  # hashes are taken only when the dataset's files changed (see the module's notes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import os
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from featstore.sources import base
 from featstore.sources.base import Item
 from featstore.sources.folder import FolderSource, os_reason
 from featstore.store import sort_by_id, streaming_reader
+from featstore.store.merge import merge_sorted
 
 
 class ManifestSource(FolderSource):
@@ -136,12 +136,7 @@ class ManifestSource(FolderSource):
             for batch in batches:
                 yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
 
-        previous = None
-        for row in heapq.merge(*map(run_rows, self.runs), key=lambda row: row[0]):
-            if row[0] == previous:
-                self._listed_twice(row[0])
-            previous = row[0]
-            yield row
+        return merge_sorted(map(run_rows, self.runs), duplicate=self._listed_twice)
 
     def iter_items(self) -> Iterator[Item]:
         for rel, label in self._sorted_rows():

@@ -48,7 +48,7 @@ def member_index(path: str) -> dict[str, tuple[int, int]]:
         raise FeatstoreError(f"cannot read webdataset shard {path}: {e}".splitlines()[0]) from None
 
 
-class WebDatasetSource:
+class WebDatasetSource(base.Source):
     """Local tar shards in the WebDataset layout; see the module's notes."""
 
     lists_hashes = False  # a member's sha256 is known only once it is read

@@ -4,10 +4,12 @@ featstore joins the file names a manifest holds (shards, a folder exchange's rec
 the store's folders before it opens, hashes, renames or deletes them, so each must be a plain name of its
 kind: no ``/``, no ``..``, nothing absolute. ``validate`` refuses a manifest with such a name, a missing key or
 a value of the wrong type with one line naming the record, before any command acts on it. Keys the schema
-does not list are kept and ignored; featstore takes no file name from them.
+does not list are ignored, and featstore takes no file name from them; at the top level and in the model
+identity they are kept when the manifest is saved again, inside other records they are dropped.
 
-The schema is plain data below (one checker per record kind), kept separate from the code that uses the
-records, so a record kind added later is added here with its names' pattern.
+The schema is plain data below (one checker per record kind), kept separate from the typed records built
+from a manifest that passes it (``manifest.py``), so a record kind added later is added here with its names'
+pattern and there with its fields.
 """
 
 from __future__ import annotations
