@@ -34,8 +34,14 @@ from featstore.store import DEFAULT_SHARD_ROWS, DTYPES, Store, check_split_name
 def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, batch_size: int | None = None,
            workers: int | None = None, device: str = "auto", precision: str | None = None,
            dtype: str | None = None, shard_rows: int = DEFAULT_SHARD_ROWS, progress: bool = True,
-           allow_slow_bf16: bool = False, allow_removals: bool = False) -> dict[str, Any]:
+           allow_slow_bf16: bool = False, allow_removals: bool = False, engine: str = "local",
+           ray_address: str | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
+           cpus_per_decoder: float = 1.0) -> dict[str, Any]:
     """Make split SPLIT of the store at STORE_DIR hold exactly the embeddings of SOURCE's images.
+
+    ENGINE "local" runs on this machine; "ray" on the Ray cluster at RAY_ADDRESS (default: a local instance),
+    with ACTORS model replicas of GPUS_PER_ACTOR GPUs each and decode tasks of CPUS_PER_DECODER CPUs
+    (``featstore.encode.ray_runner``); WORKERS applies to the local engine only.
 
     A run that would empty the split from an empty listing, or remove more than a quarter of its rows (and more
     than 100), is refused before anything is written unless ALLOW_REMOVALS (``featstore.plan``).
@@ -52,13 +58,23 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         raise FeatstoreError(f"unknown --dtype {dtype!r}: use float16 or float32")
     store = Store(store_dir)
     store.check_unlocked()  # fail at once, before loading a model, when another writer runs
-    if store.exists and dtype is not None and dtype != store.manifest["dtype"]:
-        raise FeatstoreError(f"store {store.root} holds {store.manifest['dtype']} embeddings, not {dtype}")
+    if store.exists and dtype is not None and dtype != store.manifest.dtype:
+        raise FeatstoreError(f"store {store.root} holds {store.manifest.dtype} embeddings, not {dtype}")
     src = open_source(source, split)
-    clip_model = load_model(model, device, precision)
-    if store.exists and not same_model(store.manifest["model"], clip_model.identity):
+    if engine == "ray":
+        from featstore.encode import ray_runner
+
+        options = ray_runner.RayOptions(ray_address, actors, gpus_per_actor, cpus_per_decoder)
+        ray_runner.start(options)
+        clip_model, actors, gpus_per_actor = ray_runner.load(model, device, precision, options)
+    elif engine != "local" or (ray_address, actors, gpus_per_actor, cpus_per_decoder) != (None, None, None, 1.0):
+        raise FeatstoreError(f"unknown --engine {engine!r}: use local or ray" if engine != "local"
+                             else "--ray-address, --actors, --gpus-per-actor and --cpus-per-decoder need --engine ray")
+    else:
+        clip_model = load_model(model, device, precision)
+    if store.exists and not same_model(store.manifest.model, clip_model.identity):
         raise FeatstoreError(
-            f"store {store.root} holds embeddings of {describe(store.manifest['model'])}; "
+            f"store {store.root} holds embeddings of {describe(store.manifest.model)}; "
             f"this run would use {describe(clip_model.identity)}: use another --store"
         )
     if not allow_slow_bf16:
@@ -68,9 +84,8 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         if not store.exists:
             store.create(clip_model.identity, dtype or "float16")
         repairs = store.reconcile(split)
-        store.split_info(split)["source"] = src.spec
-        if hasattr(src, "skip"):  # a folder source never walks the store, when the store sits inside it
-            src.skip(store.root)
+        store.split_info(split).source = src.spec
+        src.skip(store.root)  # a folder source never walks the store, when the store sits inside it
         label_ids = store.class_ids(src.classes())
         from tqdm import tqdm
 
@@ -82,7 +97,11 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
             cleanup.callback(writer.discard)
             workers = default_workers(clip_model.device) if workers is None else workers
             batch_size = batch_size or default_batch_size(clip_model.device)
-            run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
+            if engine == "ray":
+                ray_runner.run_ray(clip_model, src, plan.to_encode, writer, batch_size, actors, gpus_per_actor,
+                                   cpus_per_decoder, progress)
+            else:
+                run_pipeline(clip_model, src, plan.to_encode, writer, batch_size, workers, progress)
             writer.close()
         compacted = 0
         if writer.shards_written:  # new shards may have added a sorted run; patches never do
@@ -93,16 +112,16 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
     return {
         "split": split,
         "store": store.root,
-        "model": describe(store.manifest["model"]),
-        "random_weights": bool(store.manifest["model"].get("random_weights")),
-        "rows": sum(r["rows"] for r in info["shards"].values()),
+        "model": describe(store.manifest.model),
+        "random_weights": bool(store.manifest.model.get("random_weights")),
+        "rows": sum(r.rows for r in info.shards.values()),
         "encoded": encoded,
         "replaced": plan.counts[CHANGED],
         "unchanged": plan.unchanged,
         "removed": plan.counts[REMOVED],
-        "failed": len(info["failed"]),
+        "failed": len(info.failed),
         "new_failures": len(plan.to_encode) - encoded + plan.new_failures,
-        "shards": len(info["shards"]),
+        "shards": len(info.shards),
         "shards_written": writer.shards_written,
         "compacted": compacted,
         "seconds": round(seconds, 3),
