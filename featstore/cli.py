@@ -146,13 +146,19 @@ def encode(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
     allow_removals: bool = typer.Option(False, "--allow-removals",
                                         help="Allow emptying the split, or removing over 25% of its rows (and over 100)"),
+    engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (a Ray cluster)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default: start a local instance)"),
+    actors: Optional[int] = typer.Option(None, "--actors", help="Ray: model replicas (default: one per GPU, 1 on CPU)"),
+    gpus_per_actor: Optional[float] = typer.Option(None, "--gpus-per-actor", help="Ray: GPUs per replica (default 1 with GPUs, else 0)"),
+    cpus_per_decoder: float = typer.Option(1.0, "--cpus-per-decoder", help="Ray: CPUs per decode task"),
 ):
     """Encode SOURCE's images into split SPLIT of the store (only what changed since the last run)."""
     from featstore.encode import encode as run_encode
 
     result = run_encode(source, store, split, model=model, batch_size=batch_size, workers=workers, device=device,
                         precision=precision, dtype=dtype, shard_rows=shard_rows, progress=not quiet,
-                        allow_removals=allow_removals)
+                        allow_removals=allow_removals, engine=engine, ray_address=ray_address, actors=actors,
+                        gpus_per_actor=gpus_per_actor, cpus_per_decoder=cpus_per_decoder)
     if as_json:
         _print_json(result)
     else:
@@ -231,9 +237,15 @@ def probe(
     out: Optional[str] = typer.Option(None, "--out", help="Save the classifier (PATH.npz + PATH.json)"),
     solver: str = typer.Option("torch", "--solver", help="torch (L-BFGS, float32, GPU if any) or sklearn (the seed's call)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (torch solver)"),
+    shots: Optional[str] = typer.Option(None, "--shots", help="Few-shot probes: K train images per class, e.g. 1,2,4,8,16 "
+                                        "(C defaults to 0.316)"),
+    seeds: int = typer.Option(5, "--seeds", help="Few-shot draws per K (seeds 0..N-1)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Train a logistic-regression linear probe on stored embeddings and report test accuracy."""
+    if shots is not None:
+        _fewshot(store, train_split, test_split, shots, seeds, C, max_iter, out, solver, device, as_json)
+        return
     from featstore.probe import probe as run_probe
 
     result = run_probe(store, train_split, test_split, C, max_iter, out, solver, device)
@@ -244,6 +256,45 @@ def probe(
         typer.echo(f"linear probe: acc1 {_percent(result['acc1'])} with C={result['C']:g}{swept} "
                    f"(train {result['n_train']}, test {result['n_test']}; {result['solver']} solver, "
                    f"{result['iterations']} iterations)")
+
+
+def _fewshot(store, train_split, test_split, shots, seeds, C, max_iter, out, solver, device, as_json) -> None:
+    from featstore.evaluate.fewshot import fewshot, parse_shots
+
+    if out:
+        raise FeatstoreError("--out saves one classifier: it cannot be combined with --shots")
+    result = fewshot(store, train_split, test_split, parse_shots(shots), seeds, C, max_iter, solver, device)
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(f"few-shot linear probe: C={result['C']:g}, {result['solver']} solver, {result['classes']} classes, "
+               f"test {result['n_test']}")
+    for entry in result["fewshot"]:
+        short = f", {entry['short_classes']} classes had fewer" if entry["short_classes"] else ""
+        typer.echo(f"  {entry['shots']}-shot: acc1 {_percent(entry['acc1_mean'])} (sd {_percent(entry['acc1_std'])} "
+                   f"over {entry['seeds']} seeds; train {entry['n_train']}{short})")
+
+
+@app.command()
+@_guard
+def report(
+    store: str = typer.Argument(..., help="Store directory"),
+    split: str = typer.Option(..., "--split", help="The split to evaluate"),
+    probe: Optional[str] = typer.Option(None, "--probe", help="A classifier saved by probe --out, evaluated on the split"),
+    fewshot: Optional[str] = typer.Option(None, "--fewshot", help="A file holding probe --shots --json output"),
+    out: Optional[str] = typer.Option(None, "--out", help="Report folder (default STORE/reports/SPLIT)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """An HTML page with plots (per-class accuracy, confusions, few-shot curve, scores) and JSON metrics."""
+    from featstore.evaluate.report import report as run_report
+
+    result = run_report(store, split, probe, fewshot, out)
+    if as_json:
+        _print_json(result)
+        return
+    flag = " [RANDOM WEIGHTS]" if result["random_weights"] else ""
+    typer.echo(f"report: zero-shot acc1 {_percent(result['zeroshot']['acc1'])}{flag}, {len(result['images'])} plots "
+               f"-> {result['index']}")
 
 
 @app.command()
@@ -267,13 +318,13 @@ def info(
     summary = opened.summary()
     if as_json:
         summary["model"] = summary["model"]["spec"]
-        summary["model_identity"] = opened.manifest["model"]
+        summary["model_identity"] = opened.manifest.model
         _print_json(summary)
         return
     from featstore.identity import describe
 
     classes = summary["classes"]
-    typer.echo(f"store   {summary['store']}\nmodel   {describe(opened.manifest['model'])}\n"
+    typer.echo(f"store   {summary['store']}\nmodel   {describe(opened.manifest.model)}\n"
                f"dim     {summary['dim']} ({summary['dtype']})\n"
                f"classes {len(classes)}: {_one_line(', '.join(classes[:8]))}{' ...' if len(classes) > 8 else ''}\n"
                f"labels  {'index of %d templates' % summary['templates'] if summary['label_index'] else 'none (run featstore labels)'}")
@@ -326,7 +377,7 @@ def compact(
 @app.command()
 @_guard
 def run(jobfile: str = typer.Argument(..., help="TOML job file"), as_json: bool = typer.Option(False, "--json")):
-    """Run a job file's steps (encode -> labels -> query -> probe)."""
+    """Run a job file's steps (encode -> labels -> query -> probe -> report)."""
     from featstore.jobs import run_job
 
     results = run_job(jobfile, echo=lambda line: typer.echo(line, err=as_json))
@@ -335,7 +386,26 @@ def run(jobfile: str = typer.Argument(..., help="TOML job file"), as_json: bool 
 
 
 def main() -> None:
-    app()
+    """Run the command line; a usage error (unknown option, bad value) is one line on stderr and exit 2."""
+    try:  # typer 0.29 carries its own click
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
+    try:
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+        code = 2
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "featstore"
+        message = " ".join(e.format_message().split())
+        typer.echo(f"featstore: error: {message} (see {command} --help)", err=True)
+        code = e.exit_code
+    except click.Abort:
+        typer.echo("featstore: error: interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``featstore run JOB.toml``: a nightly job kept in version control (encode -> labels -> query -> probe).
+"""``featstore run JOB.toml``: a nightly job kept in version control (encode -> labels -> query -> probe -> report).
 
 Paths in a job are relative to the job file. Example::
 
@@ -41,10 +41,11 @@ from typing import Any, Callable, NamedTuple
 from featstore.data import named_or_file
 from featstore.errors import FeatstoreError, ModelUnavailable
 
-STEPS = ("encode", "labels", "query", "probe")
-STEP_SECTION = {"encode": "split", "labels": None, "query": "query", "probe": "probe"}  # what a step reads
+STEPS = ("encode", "labels", "query", "probe", "report")
+# what a step reads
+STEP_SECTION = {"encode": "split", "labels": None, "query": "query", "probe": "probe", "report": "report"}
 ENCODE_KEYS = {"model", "batch_size", "workers", "device", "precision", "dtype", "shard_rows", "allow_slow_bf16",
-               "allow_removals"}
+               "allow_removals", "engine", "ray_address", "actors", "gpus_per_actor", "cpus_per_decoder"}
 MANIFEST = "featstore.json"  # featstore.store.MANIFEST, written out: the store module is a heavy import
 # source prefix -> is the path after it joined to the job's folder when relative: always, or only when that
 # joined path exists (``hf:`` also names hub datasets, e.g. ``hf:frgfm/imagenette``, which stay as written).
@@ -60,6 +61,7 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     "boolean": (lambda v: isinstance(v, bool), "true or false"),
     "strings": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "integers": (lambda v: isinstance(v, list) and all(KINDS["integer"][0](x) for x in v), "a list of integers"),
     "table": (lambda v: isinstance(v, dict), "a table"),
     "tables": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "an array of tables"),
 }
@@ -120,11 +122,18 @@ def _steps(value: list[str]) -> str | None:
     return None if value else "must name at least one step"
 
 
+def _shots(value: list[int]) -> str | None:
+    return None if value and min(value) >= 1 else "must list at least one shot count, each at least 1"
+
+
 SPLIT = {"name": Key("string", True, _split_name), "source": Key("string", True)}
 LABELS = {"template": Key("strings", check=_templates), "templates": Key("string"), "classes": Key("string")}
 QUERY = {"split": Key("string", True), "top_k": Key("integer", check=at_least(1))}
 PROBE = {"train_split": Key("string", True), "test_split": Key("string", True), "C": Key("number", check=_positive),
-         "max_iter": Key("integer", check=at_least(1)), "solver": Key("string", check=one_of("torch", "sklearn"))}
+         "max_iter": Key("integer", check=at_least(1)), "solver": Key("string", check=one_of("torch", "sklearn")),
+         "out": Key("string"),  # save the classifier (probe --out), which the report step then evaluates
+         "shots": Key("integers", check=_shots), "seeds": Key("integer", check=at_least(1))}  # probe --shots/--seeds
+REPORT = {"split": Key("string", True), "out": Key("string")}  # featstore report --split/--out
 JOB = {
     "store": Key("string", True),
     "model": Key("string"),
@@ -137,11 +146,17 @@ JOB = {
     "shard_rows": Key("integer", check=at_least(1)),
     "allow_slow_bf16": Key("boolean"),  # bf16 is meant even on a CPU without native bf16 (no warning)
     "allow_removals": Key("boolean"),  # a run may remove more than a quarter of a split (encode --allow-removals)
+    "engine": Key("string", check=one_of("local", "ray")),  # encode --engine
+    "ray_address": Key("string"),  # encode --ray-address (engine = "ray")
+    "actors": Key("integer", check=at_least(1)),  # encode --actors
+    "gpus_per_actor": Key("number", check=lambda v: None if v >= 0 else "must be 0 or more"),  # encode --gpus-per-actor
+    "cpus_per_decoder": Key("number", check=_positive),  # encode --cpus-per-decoder
     "steps": Key("strings", check=_steps),
     "split": Key("tables", schema=SPLIT),
     "labels": Key("table", schema=LABELS),
     "query": Key("table", schema=QUERY),
     "probe": Key("table", schema=PROBE),
+    "report": Key("table", schema=REPORT),
 }
 
 
@@ -232,9 +247,12 @@ def _validate(job: dict[str, Any], base: str) -> None:
             labels[key] = named_or_file(labels[key], key, base)
             if "labels" in steps and not os.path.isfile(labels[key]):
                 raise FeatstoreError(f"[labels].{key}: no such file {labels[key]}")
+    for section in ("probe", "report"):
+        if "out" in job.get(section, {}):
+            job[section]["out"] = os.path.join(base, job[section]["out"])
     encoded = set(names) if "encode" in steps else set()
     stored = _stored_splits(job["store"])
-    references = {"query": ("split",), "probe": ("train_split", "test_split")}
+    references = {"query": ("split",), "probe": ("train_split", "test_split"), "report": ("split",)}
     for step, key in [(step, key) for step in steps for key in references.get(step, ())]:
         name = job[step][key]
         if stored is not None and name not in encoded | stored:
@@ -293,7 +311,22 @@ def run_job(path: str, echo: Callable[[str], None] = print) -> dict[str, Any]:
     if "probe" in job["steps"]:
         spec = job["probe"]
         results["probe"] = probe(store, spec["train_split"], spec["test_split"], spec.get("C"), spec.get("max_iter", 1000),
-                                  solver=spec.get("solver", "torch"), device=job.get("device", "auto"))
+                                  spec.get("out"), solver=spec.get("solver", "torch"), device=job.get("device", "auto"))
         p = results["probe"]
         echo(f"probe: acc1 {p['acc1']:.3f} with C={p['C']:g} (train {p['n_train']}, test {p['n_test']})")
+        if "shots" in spec:
+            from featstore.evaluate.fewshot import fewshot
+
+            results["fewshot"] = fewshot(store, spec["train_split"], spec["test_split"], spec["shots"],
+                                         spec.get("seeds", 5), spec.get("C"), spec.get("max_iter", 1000),
+                                         spec.get("solver", "torch"), job.get("device", "auto"))
+            curve = ", ".join(f"{e['shots']}: {e['acc1_mean']:.3f}" for e in results["fewshot"]["fewshot"])
+            echo(f"few-shot probe acc1 by shots per class: {curve}")
+    if "report" in job["steps"]:
+        from featstore.evaluate.report import report
+
+        saved = job.get("probe", {}).get("out")
+        results["report"] = report(store, job["report"]["split"], saved if saved and "probe" in job["steps"] else None,
+                                   results.get("fewshot"), job["report"].get("out"))
+        echo(f"report: {len(results['report']['images'])} plots -> {results['report']['index']}")
     return results

@@ -228,7 +228,7 @@ def save_classifier(path: str, classifier: LinearProbe, store: Store, C: float) 
         "classes": [store.classes[c] for c in classifier.classes_],
         "class_ids": [int(c) for c in classifier.classes_],
         "C": C,
-        "model": store.manifest["model"],
+        "model": store.manifest.model,
         "normalised_inputs": False,
     }
     data = json.dumps(meta, indent=1)
@@ -250,13 +250,9 @@ def load_classifier(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 # ---- the command --------------------------------------------------------------------------------
-def probe(store_dir: str, train_split: str, test_split: str, C: float | None = None, max_iter: int = 1000,
-          out: str | None = None, solver: str = "torch", device: str = "auto") -> dict[str, Any]:
-    """Fit on TRAIN_SPLIT (sweeping C when it is None), report accuracy on TEST_SPLIT.
-
-    Memory: the train features once, as float32, loaded shard by shard; then the test features once.
-    With a sweep, train rows are loaded validation-last so both parts are views, not copies.
-    """
+def open_probe(store_dir: str, train_split: str, test_split: str, C: float | None, max_iter: int, solver: str,
+               device: str) -> tuple[Store, pa.Table, pa.Table, str]:
+    """The options checked, then (store, labelled train rows, labelled test rows, the solver's device)."""
     if C is not None and not MIN_C <= C < math.inf:
         raise FeatstoreError(f"--C must be positive, finite and at least {MIN_C:g} (got {C:g})")
     if max_iter < 1:
@@ -266,13 +262,24 @@ def probe(store_dir: str, train_split: str, test_split: str, C: float | None = N
     store = Store.open(store_dir)
     train = labelled_rows(store, train_split)
     test = labelled_rows(store, test_split)
-    classes, targets = np.unique(train.column("label").to_numpy(), return_inverse=True)
-    if len(classes) < 2:
+    if len(pc.unique(train.column("label"))) < 2:
         raise FeatstoreError(f"split {train_split!r} has fewer than two classes: nothing to separate")
     if solver == "torch":
         from featstore.models import resolve_device
 
         device = str(resolve_device(device))
+    return store, train, test, device
+
+
+def probe(store_dir: str, train_split: str, test_split: str, C: float | None = None, max_iter: int = 1000,
+          out: str | None = None, solver: str = "torch", device: str = "auto") -> dict[str, Any]:
+    """Fit on TRAIN_SPLIT (sweeping C when it is None), report accuracy on TEST_SPLIT.
+
+    Memory: the train features once, as float32, loaded shard by shard; then the test features once.
+    With a sweep, train rows are loaded validation-last so both parts are views, not copies.
+    """
+    store, train, test, device = open_probe(store_dir, train_split, test_split, C, max_iter, solver, device)
+    classes, targets = np.unique(train.column("label").to_numpy(), return_inverse=True)
 
     sweep = warm = None
     if C is None:
