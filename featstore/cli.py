@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -68,8 +69,11 @@ CLOSED_STDOUT = 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by
 
 
 def _os_error_line(e: OSError, store: Optional[str]) -> str:
-    path = e.filename if isinstance(e.filename, str) else None
-    line = f"{path}: {e.strerror}" if path else str(e.strerror or e)
+    path, reason = e.filename if isinstance(e.filename, str) else None, e.strerror
+    quoted = re.search(r"'(/[^']*)'", reason) if path is None and e.errno and isinstance(reason, str) else None
+    if quoted:  # pyarrow's: "Failed to open local file 'PATH'. Detail: [errno 1] Operation not permitted"
+        path, reason = quoted[1], os.strerror(e.errno)
+    line = f"{path}: {reason}" if path else str(reason or e)
     inside = store and path and (os.path.abspath(path) + os.sep).startswith(os.path.abspath(store) + os.sep)
     if inside and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"store {store} is read-only to this process: {line}"
@@ -171,6 +175,9 @@ def encode(
             f"{' | compacted %d rows' % result['compacted'] if result['compacted'] else ''}\n"
             f"model {result['model']}"
         )
+    if result["stale"]:
+        typer.echo(f"warning: kept {result['stale']} stale rows whose files changed but no longer read or decode "
+                   f"(tried again next run)", err=True)
     if result["failed"]:
         typer.echo(f"warning: {result['failed']} images could not be read; see featstore info {store} --failures", err=True)
         if strict:
@@ -213,6 +220,10 @@ def query(
 
     if bool(split) == bool(image):
         raise FeatstoreError("give either --split NAME or --image PATH")
+    if device != "auto":  # --split uses no model, but a wrong --device is still an error
+        from featstore.models import resolve_device
+
+        resolve_device(device)
     if image:
         _print_json(q.query_images(store, image, top_k, device))
         return
@@ -402,7 +413,7 @@ def main() -> None:
         message = " ".join(e.format_message().split())
         typer.echo(f"featstore: error: {message} (see {command} --help)", err=True)
         code = e.exit_code
-    except click.Abort:
+    except typer.Abort:
         typer.echo("featstore: error: interrupted", err=True)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

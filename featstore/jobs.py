@@ -241,6 +241,8 @@ def _validate(job: dict[str, Any], base: str) -> None:
         split["source"], local = _resolve_source(split["source"], base)
         if "encode" in steps and local and not os.path.exists(local):
             raise FeatstoreError(f"[[split]] #{i}.source: no such file or folder {local}")
+        if "encode" in steps and local and not split["source"].startswith("manifest:") and not os.path.isdir(local):
+            raise FeatstoreError(f"[[split]] #{i}.source: {local} is not a folder")
     labels = job.get("labels", {})
     for key in ("templates", "classes"):
         if key in labels:  # a file relative to the job, or a list shipped with featstore (paper80, cifar100)
@@ -298,7 +300,8 @@ def run_job(path: str, echo: Callable[[str], None] = print) -> dict[str, Any]:
                 result = encode(split["source"], store, split["name"], progress=False, **options)
             results.setdefault("encode", {})[split["name"]] = result
             echo(f"encode {split['name']}: {result['rows']} rows, encoded {result['encoded']}, "
-                 f"failed {result['failed']}, {result['img_per_s'] or 0:.1f} img/s  [{result['model']}]")
+                 f"failed {result['failed']}{', kept %d stale' % result['stale'] if result['stale'] else ''}, "
+                 f"{result['img_per_s'] or 0:.1f} img/s  [{result['model']}]")
     if "labels" in job["steps"]:
         spec = job.get("labels", {})
         results["labels"] = build_labels(store, spec.get("template"), spec.get("templates"), spec.get("classes"))

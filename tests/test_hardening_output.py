@@ -300,3 +300,28 @@ def test_failure_reasons_are_words():
     assert failure_reason(BadFile("not a regular file: a FIFO")) == "not a regular file: a FIFO"
     assert failure_reason(OSError("Truncated File Read")) == "truncated image (Truncated File Read)"
     assert failure_reason(ValueError("bad <_io.BytesIO object at 0x7f0a> here")) == "cannot decode image (bad here)"
+
+
+def test_query_refuses_an_unknown_device(made):
+    result = cli("query", made["store"], "--split", "train", "--device", "tpu")
+    one_line(result.stderr, 2, result.exit_code, "unknown --device 'tpu': use auto, cpu or cuda")
+
+
+def test_an_immutable_split_folder_is_one_read_only_line(made, tmp_path):
+    """pyarrow's own words ("Failed to open local file ... Detail: [errno 1] ...") name no path: featstore's do."""
+    store = str(tmp_path / "st")
+    shutil.copytree(made["store"], store)
+    folder = os.path.join(store, "images", "split=train")
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", folder], capture_output=True).returncode:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        before = fingerprint(store)
+        result = cli("encode", os.path.join(made["root"], "train"), "--store", store, "--split", "train",
+                     "--model", "random:tiny", "--quiet")
+        line = one_line(result.stderr, 2, result.exit_code, f"store {store} is read-only to this process: {folder}/",
+                        ": Operation not permitted")
+        assert "Detail" not in line and "Failed to open" not in line
+    finally:
+        subprocess.run(["chattr", "-i", folder], check=True)
+    assert {k: v for k, v in fingerprint(store).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+

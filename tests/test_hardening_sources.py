@@ -7,6 +7,9 @@
   and folders, FIFOs and devices, decompression bombs) and encodes the rest; rows hidden by an unreadable
   folder are kept.
 - Manifest paths naming the same file in different spellings are one id: listed twice is refused.
+- Issue 15 fixes: a changed file whose new bytes fail keeps its old (stale) row until it decodes; extreme
+  --workers is refused, huge --batch-size/--shard-rows work; a folder with no identifiable image is no class; a
+  source that is a file "is not a folder".
 """
 
 from __future__ import annotations
@@ -365,3 +368,112 @@ def test_manifest_listing_twice_on_the_command_line(tmp_path):
     (data / "m.csv").write_text(f"path\n{outside}//sub/../z.png\nx/y.png\n")
     run(f"manifest:{data / 'm.csv'}", tmp_path / "store", "m")
     assert sorted(rows(tmp_path / "store", "m")) == [f"{outside}/z.png", "x/y.png"]
+
+
+
+# ---- a changed file that no longer decodes keeps its row; extreme options; what is a class or a folder ----
+def shard_column(store, split: str, column: str) -> dict[str, object]:
+    """id -> COLUMN of every row in the split's Parquet files, read without featstore."""
+    folder = os.path.join(store, "images", f"split={split}")
+    tables = [pq.read_table(os.path.join(folder, n), columns=["id", column]) for n in sorted(os.listdir(folder))
+              if n.endswith(".parquet")]
+    return {i: v for t in tables for i, v in zip(t.column("id").to_pylist(), t.column(column).to_pylist())}
+
+
+def test_a_changed_file_whose_new_bytes_fail_keeps_its_old_row_until_it_decodes(tmp_path):
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    write_folder(src, per_class=3, seed=21, classes=["circle", "square"])
+    run(src, store, shard_rows=2)
+    before = shard_column(store, "train", "sha256")
+    broken = {"circle/img_000.png": b"", "circle/img_002.png": b"not an image",
+              "square/img_001.png": (src / "square" / "img_001.png").read_bytes()[:200]}
+    for name, data in broken.items():
+        (src / name).write_bytes(data)
+    args = ["encode", str(src), "--store", str(store), "--split", "train", "--model", "random:tiny", "--quiet",
+            "--workers", "0", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["rows"], summary["stale"], summary["replaced"], summary["failed"]) == (6, 3, 0, 3)
+    assert "kept 3 stale rows whose files changed but no longer read or decode" in result.stderr
+    assert shard_column(store, "train", "sha256") == before  # the old rows, as they were
+    reasons = failed(store, "train")
+    assert reasons == {"circle/img_000.png": "not an image (cannot identify image file)",
+                       "circle/img_002.png": "not an image (cannot identify image file)",
+                       "square/img_001.png": reasons["square/img_001.png"]}
+    assert reasons["square/img_001.png"].startswith("truncated image")
+
+    again = run(src, store, shard_rows=2)  # tried again (the files differ from their rows), still stale
+    assert (again["encoded"], again["stale"], again["new_failures"], again["rows"]) == (0, 3, 3, 6)
+    save(src / "circle" / "img_000.png", 0, 99)  # decodes again: replaces its row, its failure goes
+    os.unlink(src / "circle" / "img_002.png")  # no longer listed: the only way a row goes
+    fixed = run(src, store, shard_rows=2)
+    assert (fixed["encoded"], fixed["replaced"], fixed["stale"], fixed["removed"], fixed["rows"]) == (1, 1, 1, 1, 5)
+    after = shard_column(store, "train", "sha256")
+    assert after["circle/img_000.png"] == hashlib.sha256((src / "circle" / "img_000.png").read_bytes()).hexdigest()
+    assert "circle/img_002.png" not in after and after["square/img_001.png"] == before["square/img_001.png"]
+    assert list(failed(store, "train")) == ["square/img_001.png"]
+
+
+def test_a_whole_source_that_stops_decoding_keeps_every_row(tmp_path):
+    """The reported loss: every file of a split emptied in place used to empty the split with exit 0."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    write_folder(src, per_class=2, seed=22, classes=["circle", "square"])
+    run(src, store)
+    for path in src.glob("*/*.png"):
+        path.write_bytes(b"")
+    result = run(src, store)
+    assert (result["rows"], result["stale"], result["failed"], result["removed"]) == (4, 4, 4, 0)
+    assert len(rows(store, "train")) == 4
+
+
+def test_extreme_worker_batch_and_shard_numbers(tmp_path):
+    from featstore.jobs import run_job
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    write_folder(src, per_class=2, seed=23, classes=["circle"])
+    limit = 4 * (os.cpu_count() or 1)
+    with pytest.raises(FeatstoreError, match=rf"--workers must be at most {limit} \(4 × this machine's"):
+        encode(str(src), str(store), "train", model="random:tiny", workers=100_000, progress=False)
+    (tmp_path / "job.toml").write_text('store = "store"\nmodel = "random:tiny"\nworkers = 100000\n'
+                                       'steps = ["encode"]\n[[split]]\nname = "train"\nsource = "src"\n')
+    with pytest.raises(FeatstoreError, match="--workers must be at most"):
+        run_job(str(tmp_path / "job.toml"), echo=lambda line: None)
+    assert not store.exists()  # refused before the store (or a spill) was made
+    huge = run(src, store, batch_size=10**9, shard_rows=10**12)  # capped at the items: nothing allocated up front
+    assert (huge["rows"], huge["shards"]) == (2, 1)
+
+
+def test_a_folder_with_no_identifiable_image_is_not_a_class(tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store"
+    write_folder(src, per_class=1, seed=24, classes=["circle", "square"])
+    (src / "broken").mkdir()
+    (src / "broken" / "a.png").write_bytes(b"")
+    (src / "broken" / "b.jpg").write_text("not png")
+    (src / "deep" / "down").mkdir(parents=True)
+    (src / "deep" / "down" / "c.png").write_text("not png either")
+    (src / "mixed").mkdir()
+    (src / "mixed" / "a.png").write_bytes(b"")  # broken first, an image after: a class
+    save(src / "mixed" / "z.png", 1, 1)
+    result = run(src, store)
+    assert manifest(store)["classes"] == ["circle", "mixed", "square"]
+    assert (result["rows"], result["failed"]) == (3, 4)
+    assert class_of(store, rows(store, "train")["mixed/z.png"]) == "mixed"
+    assert set(failed(store, "train")) == {"broken/a.png", "broken/b.jpg", "deep/down/c.png", "mixed/a.png"}
+
+
+def test_a_source_that_is_a_file_is_not_a_folder(tmp_path):
+    from featstore.jobs import run_job
+
+    (tmp_path / "photo.png").write_bytes(b"x")
+    with pytest.raises(FeatstoreError, match=rf"^source {tmp_path / 'photo.png'} is not a folder$"):
+        run(tmp_path / "photo.png", tmp_path / "store")
+    (tmp_path / "job.toml").write_text('store = "store"\nmodel = "random:tiny"\nsteps = ["encode"]\n'
+                                       '[[split]]\nname = "train"\nsource = "photo.png"\n')
+    with pytest.raises(FeatstoreError, match=r"\[\[split\]\] #1.source: .*photo.png is not a folder"):
+        run_job(str(tmp_path / "job.toml"), echo=lambda line: None)
+    assert sorted(os.listdir(tmp_path)) == ["job.toml", "photo.png"]

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from typing import Any
@@ -44,7 +45,9 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
     (``featstore.encode.ray_runner``); WORKERS applies to the local engine only.
 
     A run that would empty the split from an empty listing, or remove more than a quarter of its rows (and more
-    than 100), is refused before anything is written unless ALLOW_REMOVALS (``featstore.plan``).
+    than 100), is refused before anything is written unless ALLOW_REMOVALS (``featstore.plan``). A changed file
+    whose new bytes fail to read or decode keeps its old row (counted as "stale"), beside a failure record, and
+    is tried again next run; only a file no longer listed loses its row.
 
     bf16 on a CPU without native bf16 warns once on stderr (featstore.hardware) unless ALLOW_SLOW_BF16."""
     check_split_name(split)
@@ -54,6 +57,9 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         raise FeatstoreError("--shard-rows must be at least 1")
     if workers is not None and workers < 0:
         raise FeatstoreError("--workers must be 0 or more")
+    cores = os.cpu_count() or 1
+    if workers is not None and workers > 4 * cores:  # each is a process: 100000 of them would never start
+        raise FeatstoreError(f"--workers must be at most {4 * cores} (4 × this machine's {cores} cores)")
     if dtype is not None and dtype not in DTYPES:
         raise FeatstoreError(f"unknown --dtype {dtype!r}: use float16 or float32")
     store = Store(store_dir)
@@ -96,7 +102,7 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
             writer = ShardWriter(store, split, plan, label_ids, shard_rows)
             cleanup.callback(writer.discard)
             workers = default_workers(clip_model.device) if workers is None else workers
-            batch_size = batch_size or default_batch_size(clip_model.device)
+            batch_size = max(1, min(batch_size or default_batch_size(clip_model.device), len(plan.to_encode)))
             if engine == "ray":
                 ray_runner.run_ray(clip_model, src, plan.to_encode, writer, batch_size, actors, gpus_per_actor,
                                    cpus_per_decoder, progress)
@@ -116,7 +122,8 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         "random_weights": bool(store.manifest.model.get("random_weights")),
         "rows": sum(r.rows for r in info.shards.values()),
         "encoded": encoded,
-        "replaced": plan.counts[CHANGED],
+        "replaced": plan.counts[CHANGED] - writer.stale,
+        "stale": writer.stale,
         "unchanged": plan.unchanged,
         "removed": plan.counts[REMOVED],
         "failed": len(info.failed),

@@ -26,7 +26,8 @@ from featstore.store.merge import InOrder
 @dataclass
 class _ShardChanges:
     """What the patch does to one shard: ids whose old row goes, rows of the replacement spill that come in,
-    and new (path, label, size, mtime_ns) of rows that stay."""
+    and new (path, label, size, mtime_ns) of rows that stay. A changed file whose new bytes failed is none of
+    these: its old row stays as it is."""
 
     drop: list[str] = field(default_factory=list)
     new_rows: list[tuple[pa.RecordBatch, list[int]]] = field(default_factory=list)  # spill batch, row numbers
@@ -62,6 +63,7 @@ class ShardWriter:
         self.pending: list[concurrent.futures.Future] = []
         self.shards_written = 0
         self.encoded = 0
+        self.stale = 0  # changed files whose new bytes failed: their old rows were kept
 
     @property
     def dtype(self) -> type:
@@ -163,6 +165,12 @@ class ShardWriter:
         for row_id, shard, change, *fields in self.plan.changes:
             while ends and ends[0][0] < row_id:  # no later change can be in that shard
                 self._patch_shard(heapq.heappop(ends)[1], pending)
+            replacement = replacements.get(row_id) if change == CHANGED else None
+            if change == CHANGED and replacement is None:
+                # its new bytes failed to read or decode: the old row stays, stale, beside its failure record,
+                # and the next run tries the file again (its fingerprint is not the row's)
+                self.stale += 1
+                continue
             if shard not in pending:
                 pending[shard] = _ShardChanges()
                 heapq.heappush(ends, (id_range(os.path.join(folder, shard))[1], shard))
@@ -170,10 +178,8 @@ class ShardWriter:
             changes.drop.append(row_id)
             if change == RETOUCHED:
                 changes.retouched[row_id] = tuple(fields)
-            elif change == CHANGED:
-                replacement = replacements.get(row_id)
-                if replacement is not None:  # else it failed to decode
-                    changes.add_new_row(*replacement[1:])
+            elif replacement is not None:
+                changes.add_new_row(*replacement[1:])
         while ends:
             self._patch_shard(heapq.heappop(ends)[1], pending)
         self.store.save()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import warnings
 from typing import Iterator
 
 from PIL import Image
@@ -64,7 +65,8 @@ class FolderSource(base.Source):
 
     def __init__(self, root: str):
         if not os.path.isdir(root):
-            raise FeatstoreError(f"source folder {root} does not exist")
+            raise FeatstoreError(f"source {root} is not a folder" if os.path.exists(root)
+                                 else f"source folder {root} does not exist")
         self.root = os.path.abspath(root)
         self.spec = self.root
         self._skipped: set[tuple[int, int]] = set()
@@ -147,15 +149,32 @@ class FolderSource(base.Source):
         return ((st.st_dev, st.st_ino),)
 
     def classes(self) -> list[str]:
-        """First-level folders whose walk yields at least one readable image: the walk's own rule, so every
-        label the listing gives is a class, and a folder without images (or the store) is none."""
+        """First-level folders whose walk yields at least one file PIL can identify (its header, not decoded;
+        the walk stops at the first): a folder of empty or broken files, without images, or the store is none.
+        Items the walk lists under such a folder have no class, and fail to decode anyway."""
         try:
             entries = self._entries(self.root, "")
         except OSError as e:
             raise FeatstoreError(f"cannot list source folder {self.root}: {os_reason(e)}") from None
         above = self._root_key()
         return [rel[:-1] for rel, entry, kind in entries if kind == FOLDER
-                and any(item.error is None for item in self._folder(entry.path, rel, above))]
+                and any(item.error is None and self._identifiable(item) for item in self._folder(entry.path, rel, above))]
+
+    def _identifiable(self, item: Item) -> bool:
+        """Whether PIL recognises ITEM's header; a file swapped for a FIFO since the listing is never waited on."""
+        try:
+            fd = os.open(os.path.join(self.root, item.path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        with os.fdopen(fd, "rb") as file:
+            try:
+                base.check_regular(os.fstat(fd).st_mode)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image words it
+                    with Image.open(file):
+                        return True
+            except Exception:  # anything PIL or the file system says: not an image
+                return False
 
     def iter_items(self) -> Iterator[Item]:
         """The images, in id order (relative paths as strings), found as they are yielded; what cannot be
