@@ -416,6 +416,9 @@ def main() -> None:
     except typer.Abort:
         typer.echo("featstore: error: interrupted", err=True)
         code = 130
+    except BrokenPipeError:  # `featstore --help | head`: the reader has gone (commands handle it in _guard)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = CLOSED_STDOUT
     sys.exit(code if isinstance(code, int) else 0)
 
 

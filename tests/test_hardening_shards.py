@@ -1,5 +1,5 @@
 """A damaged shard is never served: every reader refuses it with one line naming verify and encode, and a
-stray Parquet file among a split's shards is quarantined by the next encode (issue 15, item 5)."""
+stray file among a split's shards is quarantined by the next encode (issue 15, item 5)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 
+import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -16,6 +18,7 @@ import pytest
 from conftest import featstore
 from featstore.errors import FeatstoreError
 from featstore.store import Store, sha256_file, write_parquet
+from featstore.store.shards import footer_sha256
 
 ARGS = ("--model", "random:tiny", "--shard-rows", "20", "--quiet")
 
@@ -51,9 +54,11 @@ def record(store: str, path: str) -> dict:
 
 
 def forge_record(store: str, path: str, mtime: bool = True) -> None:
-    """Patch the manifest so it describes PATH as it is now (sha256, bytes, rows, and mtime unless told not)."""
+    """Patch the manifest so it describes PATH as it is now (sha256, bytes, rows, footer, and mtime unless told
+    not)."""
     manifest, rec = record(store, path)
-    rec.update(sha256=sha256_file(path), bytes=os.path.getsize(path), rows=pq.read_metadata(path).num_rows)
+    rec.update(sha256=sha256_file(path), bytes=os.path.getsize(path), rows=pq.read_metadata(path).num_rows,
+               footer_sha256=footer_sha256(path))
     if mtime:
         rec["mtime_ns"] = os.stat(path).st_mtime_ns
     with open(os.path.join(store, "featstore.json"), "w") as f:
@@ -70,12 +75,29 @@ def flip_embedding_byte(path: str) -> None:
     """One bit flipped in the middle of the embedding column's pages: same size, still parseable Parquet."""
     meta = pq.read_metadata(path).row_group(0)
     column = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith("embedding"))
-    offset = column.data_page_offset + column.total_compressed_size // 2
+    flip(path, column.data_page_offset + column.total_compressed_size // 2, 0x04)
+
+
+def footer_range(path: str) -> range:
+    """The offsets of a Parquet file's footer: its metadata, its length and the closing magic."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - 8)
+        return range(size - 8 - int.from_bytes(f.read(4), "little"), size)
+
+
+def flip(path: str, offset: int, mask: int = 0x10) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)[0]
         f.seek(offset)
-        f.write(bytes([byte ^ 0x04]))
+        f.write(bytes([byte ^ mask]))
+
+
+def flip_footer_byte(path: str) -> None:
+    """One bit flipped in the footer's metadata, which page checksums do not cover: the file still parses."""
+    footer = footer_range(path)
+    flip(path, footer[len(footer) // 2])
 
 
 def truncate(path: str, keep) -> None:
@@ -122,6 +144,7 @@ def poison(value: float):
 DAMAGES = {
     "bit flip, mtime kept": lambda store, path: keep_mtime(path, flip_embedding_byte),
     "bit flip": lambda store, path: flip_embedding_byte(path),
+    "footer bit flip, mtime kept": lambda store, path: keep_mtime(path, flip_footer_byte),
     "truncated by half": lambda store, path: truncate(path, lambda size: size // 2),
     "last byte cut, mtime kept": lambda store, path: keep_mtime(path, lambda p: truncate(p, lambda size: size - 1)),
     "replaced, same size": lambda store, path: replace_same_size(path),
@@ -153,7 +176,7 @@ def test_every_reader_refuses_a_damaged_shard(store, damage):
     out = np.zeros((located.num_rows, reader.dim), np.float32)
     assert_refused(lambda: Store.open(store).fill_embeddings("train", located.column("shard").to_numpy(),
                                                              located.column("row").to_numpy(), out))
-    if "forged" not in damage and damage != "bit flip, mtime kept":  # size or mtime differ from the record:
+    if "forged" not in damage and damage != "bit flip, mtime kept":  # size, mtime or footer differ from the record:
         # refused before reading a value (a flip with the mtime kept is found in the pages it damaged)
         assert_refused(lambda: list(Store.open(store).iter_rows("train", ["size", "label"])))
     # the other split is not touched by it
@@ -162,7 +185,8 @@ def test_every_reader_refuses_a_damaged_shard(store, damage):
 
 # one member of each family through the command line; for the two that keep the shard's size and mtime (which
 # a writer otherwise trusts), the remedy the message names: verify, then encode
-@pytest.mark.parametrize("damage, repair", [("bit flip, mtime kept", True), ("last byte cut, mtime kept", False),
+@pytest.mark.parametrize("damage, repair", [("bit flip, mtime kept", True), ("footer bit flip, mtime kept", True),
+                                            ("last byte cut, mtime kept", False),
                                             ("replaced, same size", False), ("NaN, manifest forged", True)])
 def test_query_and_probe_refuse_and_verify_then_encode_repair(store, dataset, tmp_path, damage, repair):
     path = victim(store)
@@ -215,6 +239,37 @@ def test_shards_without_page_checksums_still_read(store):
     assert len(ids) == 60 and np.isfinite(features).all()
 
 
+@pytest.mark.parametrize("hashed", [True, False], ids=["footer-hashed", "recorded-before-footer-hashes"])
+def test_no_byte_flipped_in_a_footer_is_served(store, hashed):
+    """Every byte of a shard's footer flipped in turn, size and mtime kept (page checksums do not cover it):
+    each read is refused; a shard recorded before footers were hashed has its footer's schema and row count
+    checked, so a read is refused or serves exactly the stored rows."""
+    path = victim(store)
+    if not hashed:
+        manifest, rec = record(store, path)
+        del rec["footer_sha256"]
+        with open(os.path.join(store, "featstore.json"), "w") as f:
+            json.dump(manifest, f)
+    ids, embeddings, labels = Store.open(store).features("train")
+    digest, st = sha256_file(path), os.stat(path)
+    refused = 0
+    for offset in footer_range(path):
+        flip(path, offset)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        try:
+            got = Store.open(store).features("train")
+        except FeatstoreError as e:
+            assert "is damaged" in str(e) and "\n" not in str(e), (offset, str(e))
+            refused += 1
+        else:
+            assert got[0] == ids and np.array_equal(got[1], embeddings), offset
+            assert np.array_equal(got[2], labels), offset
+        flip(path, offset)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sha256_file(path) == digest and len(Store.open(store).features("train")[0]) == 60
+    assert refused == len(footer_range(path)) if hashed else refused > 0
+
+
 def test_a_shard_a_writer_committed_after_the_reader_loaded_the_manifest_is_read(store):
     reader = Store.open(store)  # its manifest says the old file
     path = victim(store)
@@ -230,13 +285,23 @@ def test_stray_parquet_files_are_quarantined_by_the_next_encode(store, dataset, 
     shard = victim(store)
     outside = tmp_path / "mine.parquet"
     shutil.copy2(shard, outside)
-    strays = {"part-999999-deadbeef.parquet": shard, "foo.parquet": shard, "x.parquet": str(outside)}
+    # DuckDB and Polars read dot and underscore names too; a temp file featstore did not make is not its own
+    strays = {"part-999999-deadbeef.parquet": shard, "foo.parquet": shard, "x.parquet": str(outside),
+              f".{os.path.basename(shard)}.copy.parquet": shard, "_copy.parquet": shard, ".mine.tmp": str(outside),
+              ".plan-0123abcd.tmp.parquet": shard}
     for name, source in strays.items():
         shutil.copy2(source, os.path.join(folder, name))
+    own = [f".{os.path.basename(shard)}.0123abcd.tmp", ".plan-0123abcd.tmp", ".ray-0123abcd-40.tmp"]  # a crash's
+    for name in own:
+        shutil.copy2(shard, os.path.join(folder, name))
     hashes = {name: sha256_file(source) for name, source in strays.items()}
     assert Store.open(store).features("train")[1].shape[0] == 60  # featstore's readers read only known shards
+    glob = f"read_parquet('{folder}/*.parquet', hive_partitioning=true)"
+    copies = sum(name.endswith(".parquet") for name in strays)
+    assert duckdb.sql(f"select count(*), count(distinct id) from {glob}").fetchall()[0] == (60 + 20 * copies, 60)
     check = featstore("verify", store, check=False)
-    assert check.returncode == 1 and all(name in check.stderr for name in strays)
+    listed = {line.split(": ")[0].removeprefix("images/split=train/") for line in check.stderr.splitlines()}
+    assert check.returncode == 1 and listed == set(strays)  # featstore's own temp files are not strays
 
     encode = ("encode", os.path.join(dataset, "train"), "--store", store, "--split", "train", *ARGS, "--json")
     result = json.loads(featstore(*encode).stdout)
@@ -247,15 +312,19 @@ def test_stray_parquet_files_are_quarantined_by_the_next_encode(store, dataset, 
         assert sha256_file(os.path.join(quarantine, name)) == hashes[name]  # nothing the user put there is lost
         assert not os.path.exists(os.path.join(folder, name))
     assert sha256_file(str(outside)) == hashes["x.parquet"]  # the file outside the store is untouched
+    assert not any(os.path.exists(os.path.join(folder, name)) or os.path.exists(os.path.join(quarantine, name))
+                   for name in own)  # removed, as a crash's leftovers
     ids = ds.dataset(folder).to_table(columns=["id"]).column("id").to_pylist()  # a plain reader of the split
     assert len(ids) == 60 and len(set(ids)) == 60
+    assert duckdb.sql(f"select count(*), count(distinct id) from {glob}").fetchall()[0] == (60, 60)
+    assert pl.scan_parquet(f"{folder}/*.parquet").select(pl.len()).collect().item() == 60
     assert featstore("verify", store).returncode == 0
 
     shutil.copy2(shard, os.path.join(folder, "foo.parquet"))  # the same name again: both copies are kept
     again = json.loads(featstore(*encode).stdout)
     assert len(again["repairs"]) == 1 and again["encoded"] == 0
     kept = sorted(os.listdir(quarantine))
-    assert len(kept) == 4 and sum(n.startswith("foo.") and n.endswith(".parquet") for n in kept) == 2
+    assert len(kept) == len(strays) + 1 and sum(n.startswith("foo.") and n.endswith(".parquet") for n in kept) == 2
 
 
 def test_a_model_output_that_is_not_finite_is_a_failure_not_a_row(tmp_path, dataset, monkeypatch):

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from conftest import REPO, featstore, write_folder
 from featstore.cli import app
 from featstore.encode import encode
+from featstore.errors import FeatstoreError
 from featstore.labels import build_labels, load_label_index
 from featstore.query import query_split
 from featstore.store import Store
@@ -121,12 +122,22 @@ BAD_NAMES = {
     "exchange-dropped": (exchange(".exchange-test-0123abcd", dropped=[OUTSIDE]), "splits['test'].exchange.dropped[0]"),
     "label-index": (labels_key("index_file", "../../victim.faiss"), "labels.index_file: '../../victim.faiss'"),
     "class-table": (labels_key("classes_file", OUTSIDE), "labels.classes_file"),
+    # a final newline, which a pattern ending in "$" let through
+    "shard-newline": (rename_shard(lambda m: shard_of(m) + "\n"), "splits['test'].shards: 'part-",
+                      ".parquet\\n' is not a shard file name"),
+    "split-newline": (lambda m: m["splits"].__setitem__("test\n", m["splits"].pop("test")),
+                      "splits: 'test\\n' is not a split name"),
+    "exchange-folder-newline": (exchange(".exchange-test-0123abcd\n"),
+                                "splits['test'].exchange.folder: '.exchange-test-0123abcd\\n' is not"),
+    "label-index-newline": (labels_key("index_file", "index.faiss\n"), "labels.index_file: 'index.faiss\\n' is not"),
+    "class-table-newline": (labels_key("classes_file", "classes.parquet\n"),
+                            "labels.classes_file: 'classes.parquet\\n' is not"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_NAMES))
 def test_a_file_name_outside_the_store_is_refused_and_nothing_is_touched(tmp_path, store, dataset, case):
-    change, record = BAD_NAMES[case]
+    change, *record = BAD_NAMES[case]
     outside = str(tmp_path / "a" / "b" / "victim.parquet")
 
     def planted(m):
@@ -136,8 +147,18 @@ def test_a_file_name_outside_the_store_is_refused_and_nothing_is_touched(tmp_pat
     edit(store, planted)
     before = tree(tmp_path)
     for args in every_command(store, dataset):
-        refused(cli(*args), "featstore.json is not a valid featstore manifest", record)
+        refused(cli(*args), "featstore.json is not a valid featstore manifest", *record)
     assert tree(tmp_path) == before  # neither the files beside the store nor the store's own were touched
+
+
+def test_a_split_name_with_a_final_newline_is_refused(tmp_path, store, dataset):
+    before = tree(tmp_path)
+    for args in (("encode", os.path.join(dataset, "test"), "--store", store, "--split", "test\n", *TINY),
+                 ("query", store, "--split", "test\n")):
+        refused(cli(*args), "'test\\n'")
+    with pytest.raises(FeatstoreError, match="bad split name"):
+        Store.open(store).split_dir("test\n")
+    assert tree(tmp_path) == before
 
 
 MALFORMED = {
@@ -149,6 +170,8 @@ MALFORMED = {
     "splits-a-list": (lambda m: m.__setitem__("splits", [m["splits"]["test"]]), "splits: expected an object, got a list"),
     "rows-a-string": (lambda m: m["splits"]["test"]["shards"][shard_of(m)].__setitem__("rows", "12"),
                       "splits['test'].shards['part-000000-", "'].rows: expected an integer, got a string '12'"),
+    "footer-not-a-digest": (lambda m: m["splits"]["test"]["shards"][shard_of(m)].__setitem__("footer_sha256", "abc\n"),
+                            "'].footer_sha256: 'abc\\n' is not a sha256 hex digest"),
     "shard-without-checksum": (lambda m: m["splits"]["test"]["shards"][shard_of(m)].pop("sha256") and None,
                                "a shard record needs rows, bytes and sha256"),
     "failed-a-list": (lambda m: m["splits"]["test"].__setitem__("failed", []), "splits['test'].failed: expected an object"),

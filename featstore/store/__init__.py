@@ -35,15 +35,15 @@ from featstore.store.manifest import Failure, LabelIndex, Manifest, Shard, Split
 from featstore.store.merge import chain_runs
 from featstore.store.read import LABELS, Reads
 from featstore.store.schema import MAX_SHARDS, SPLIT_NAME
-from featstore.store.shards import (DEFAULT_SHARD_ROWS, DTYPES, DamagedShard, conform, damaged, embedding_matrix,
-                                        id_range, read_shard, reading, run_batches, shard_schema, sort_by_id,
-                                        streaming_reader, write_parquet)
+from featstore.store.shards import (DEFAULT_SHARD_ROWS, DTYPES, DamagedShard, check_footer, conform, damaged,
+                                        embedding_matrix, id_range, read_shard, reading, run_batches, shard_schema,
+                                        sort_by_id, streaming_reader, write_parquet)
 
 MANIFEST = "featstore.json"
 
 
 def check_split_name(split: str) -> str:
-    if not isinstance(split, str) or not SPLIT_NAME.match(split):  # the pattern refuses '..' too
+    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):  # the pattern refuses '..' too
         raise FeatstoreError(f"bad split name {split!r}: use letters, digits, '_', '-' and '.'")
     return split
 
@@ -138,7 +138,8 @@ class Store(Reads):
         pending = info.exchange
         if pending and exchange.exchanged(self, split, pending):
             shards = {name: rec for name, rec in shards.items() if name not in pending.dropped}
-            shards |= {name: Shard(s.rows, s.bytes, s.sha256) for name, s in pending.added.items()}
+            shards |= {name: Shard(s.rows, s.bytes, s.sha256, footer_sha256=s.footer_sha256)
+                       for name, s in pending.added.items()}
         return shards
 
     def shard_paths(self, split: str) -> list[str]:
@@ -148,7 +149,8 @@ class Store(Reads):
     def unchanged(self, split: str, name: str, record: Shard) -> str:
         """The path of shard NAME, or ``damaged`` when it is not the file RECORD describes.
 
-        Cheap when the file's size and mtime are the recorded ones; otherwise the file is hashed once (per
+        Cheap when the file's size and mtime are the recorded ones: then only its footer, which page
+        checksums do not cover, is checked (``check_footer``: a few KB). Otherwise the file is hashed once (per
         Store) against the recorded sha256, or against the manifest on disk now, which a writer may have
         committed to since this reader loaded it."""
         path = os.path.join(self.split_dir(split), name)
@@ -157,7 +159,10 @@ class Store(Reads):
         except FileNotFoundError:
             raise damaged(path, "missing") from None
         seen = (st.st_size, st.st_mtime_ns)
-        if seen in ((record.bytes, record.mtime_ns), self._hashed.get(path)):
+        if seen == self._hashed.get(path):
+            return path
+        if seen == (record.bytes, record.mtime_ns):
+            check_footer(path, record.rows, record.footer_sha256, self.shard_schema())
             return path
         digest = sha256_file(path)
         if digest not in _digests(record):
@@ -168,6 +173,10 @@ class Store(Reads):
                 raise damaged(path, why)
         self._hashed[path] = seen
         return path
+
+    def shard_schema(self) -> pa.Schema:
+        """The columns and types of this store's shards (without the model metadata)."""
+        return shard_schema(self.dim, self.manifest.dtype, {})
 
     def sorted_runs(self, split: str) -> list[list[str]]:
         """The split's shard paths chained into sorted runs (shards whose id ranges follow one another)."""

@@ -2,8 +2,9 @@
 
 ``load`` checks the file whole against the schema (``schema.py``: one line naming the bad record) and builds
 the records; ``save`` writes them back in the same JSON layout (temp file, fsync, rename), and is the only code
-that writes the manifest. A shard record is committed (rows, bytes, sha256, mtime_ns), or pending (``next``: the
-checksum of a file about to be renamed into place), or both while a replacement is under way.
+that writes the manifest. A shard record is committed (rows, bytes, sha256, mtime_ns; footer_sha256 since
+footers were hashed), or pending (``next``: the checksum of a file about to be renamed into place), or both
+while a replacement is under way.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from featstore.store.schema import FORMAT, validate
 
 @dataclass(slots=True)
 class ShardStats:
-    """What a written shard file is: its rows, bytes and sha256."""
+    """What a written shard file is: its rows, bytes and sha256, and the sha256 of its Parquet footer
+    (``shards.footer_sha256``; None in records written before footers were hashed)."""
 
     rows: int
     bytes: int
     sha256: str
+    footer_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+        data = {"rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+        return data | ({"footer_sha256": self.footer_sha256} if self.footer_sha256 else {})
 
 
 @dataclass(slots=True)
@@ -39,6 +43,7 @@ class Shard:
     sha256: str | None = None
     mtime_ns: int | None = None
     next: ShardStats | None = None
+    footer_sha256: str | None = None  # checked by every reader before it reads (``shards.check_footer``)
 
     @property
     def committed(self) -> bool:
@@ -47,9 +52,10 @@ class Shard:
     def commit(self, stats: ShardStats, mtime_ns: int) -> None:
         """Record the file STATS describes, last modified at MTIME_NS, as the shard (no longer pending)."""
         self.rows, self.bytes, self.sha256, self.mtime_ns, self.next = stats.rows, stats.bytes, stats.sha256, mtime_ns, None
+        self.footer_sha256 = stats.footer_sha256
 
     def to_json(self) -> dict[str, Any]:
-        data = {key: getattr(self, key) for key in ("rows", "bytes", "sha256", "mtime_ns")}
+        data = {key: getattr(self, key) for key in ("rows", "bytes", "sha256", "mtime_ns", "footer_sha256")}
         data = {key: value for key, value in data.items() if value is not None}
         return data | ({"next": self.next.to_json()} if self.next else {})
 
@@ -143,12 +149,13 @@ def new(model: dict[str, Any], dtype: str) -> Manifest:
 
 
 def _stats(data: dict[str, Any]) -> ShardStats:
-    return ShardStats(data["rows"], data["bytes"], data["sha256"])
+    return ShardStats(data["rows"], data["bytes"], data["sha256"], data.get("footer_sha256"))
 
 
 def _split(data: dict[str, Any]) -> Split:
     shards = {name: Shard(s.get("rows"), s.get("bytes"), s.get("sha256"), s.get("mtime_ns"),
-                          _stats(s["next"]) if "next" in s else None) for name, s in data["shards"].items()}
+                          _stats(s["next"]) if "next" in s else None, s.get("footer_sha256"))
+              for name, s in data["shards"].items()}
     failed = {row_id: Failure(f["path"], f["reason"], f["size"], f["mtime_ns"], f.get("sha256"))
               for row_id, f in data["failed"].items()}
     pending = data.get("exchange")

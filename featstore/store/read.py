@@ -12,14 +12,14 @@ import pyarrow as pa
 
 from featstore.errors import FeatstoreError
 from featstore.store.merge import merge_sorted
-from featstore.store.shards import embedding_matrix, fill_embeddings, read_shard, run_rows, shard_schema, sort_by_id
+from featstore.store.shards import embedding_matrix, fill_embeddings, read_shard, run_rows, sort_by_id
 
 LABELS = "labels"  # the folder of the label index and class table (``featstore labels``)
 
 
 class Reads:
-    """The read side of ``Store`` (which provides ``root``, ``shard_paths``, ``sorted_runs``, ``dim`` and ``manifest``):
-    rows, and the reports ``featstore info`` prints from the manifest."""
+    """The read side of ``Store`` (which provides ``root``, ``shard_paths``, ``sorted_runs``, ``shard_schema``,
+    ``dim`` and ``manifest``): rows, and the reports ``featstore info`` prints from the manifest."""
 
     def read_split(self, split: str, columns: list[str] | None = None, locate: bool = False) -> pa.Table:
         """All rows of a split, in id order (so results do not depend on shard layout).
@@ -27,7 +27,7 @@ class Reads:
         With LOCATE, two more columns say where each row lives (``shard``, ``row``), for ``fill_embeddings``.
         """
         paths = self.shard_paths(split)
-        schema = shard_schema(self.dim, self.manifest.dtype, {})
+        schema = self.shard_schema()
         cols = columns if columns is None or "id" in columns else ["id", *columns]
         tables = [schema.empty_table().select(cols or schema.names)]
         tables += [read_shard(path, cols, schema) for path in paths]

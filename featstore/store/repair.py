@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Collection
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,25 +18,45 @@ from featstore.errors import FeatstoreError
 from featstore.store import exchange
 from featstore.store.files import atomic_write, sha256_file
 from featstore.store.manifest import Shard
-from featstore.store.shards import DamagedShard, run_batches
+from featstore.store.schema import SHARD_PATTERN
+from featstore.store.shards import DamagedShard, check_footer, run_batches
 
 if TYPE_CHECKING:
     from featstore.store import Store
 
 QUARANTINE = ".quarantine"  # files found among a split's shards that the manifest does not know go here
 DAMAGED_NOTE = ".damaged.json"  # in a split's folder: shards verify found damaged, for the next writer to check
+# featstore's own temp files in a split's folder, which a writer removes when a crash left them: a shard's or
+# the note's (``files.temp_name``: .NAME.HEX.tmp), encode's spills (``encode/plan.py``, ``encode/writer.py``:
+# .plan-HEX.tmp, .changes-HEX.tmp, .replace-HEX.tmp) and Ray decode journals (``encode/ray_runner.py``:
+# .ray-HEX-N.tmp). Anything else there that the manifest does not name is a stray (``stray``).
+OWN_TEMP = re.compile(rf"\A\.(?:(?:{SHARD_PATTERN}|\.damaged\.json)\.[0-9a-f]{{8}}"
+                      r"|(?:plan|changes|replace)-[0-9a-f]{8}|ray-[0-9a-f]{8}-[0-9]+)\.tmp\Z")
+
+
+def stray(name: str, shards: Collection[str]) -> bool:
+    """Whether NAME, in a split's folder, is neither one of its SHARDS nor featstore's own file there: a copy
+    (``part-1.copy.parquet``, ``_part-1.parquet``: DuckDB and Polars read those too), a delete that was
+    interrupted, or anything else put there. Every writer moves strays to ``QUARANTINE``."""
+    return name not in shards and name != DAMAGED_NOTE and not OWN_TEMP.fullmatch(name)
 
 
 def check_shard(store: "Store", split: str, name: str, record: Shard, full: bool = True) -> str | None:
     """Why shard NAME on disk disagrees with its manifest RECORD, or None when it matches.
 
-    ``full=False`` trusts an unchanged size and mtime (cheap enough for every run); ``verify`` hashes."""
+    ``full=False`` trusts an unchanged size and mtime and checks the footer only (cheap enough for every
+    run); ``verify`` hashes."""
     path = os.path.join(store.split_dir(split), name)
     if not os.path.isfile(path):
         return "missing"
     st = os.stat(path)
-    if not full and (st.st_size, st.st_mtime_ns) == (record.bytes, record.mtime_ns):
-        return None
+    if (st.st_size, st.st_mtime_ns) == (record.bytes, record.mtime_ns):
+        try:
+            check_footer(path, record.rows, record.footer_sha256, store.shard_schema())
+        except DamagedShard as e:
+            return e.why
+        if not full:
+            return None
     if st.st_size != record.bytes or sha256_file(path) != record.sha256:
         return "checksum mismatch"
     try:
@@ -75,10 +96,10 @@ def reconcile(store: "Store", split: str) -> list[str]:
             shutil.rmtree(os.path.join(store.root, name), ignore_errors=True)
     on_disk = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     for name in sorted(on_disk):
-        if name.startswith(".") and name.endswith(".tmp"):
+        if OWN_TEMP.fullmatch(name):
             os.unlink(os.path.join(folder, name))
-        elif not name.startswith((".", "_")) and name not in info.shards:  # a Parquet reader would read it
-            notes.append(_quarantine(store, split, name))  # a stray copy, or a delete that was interrupted
+        elif stray(name, info.shards):
+            notes.append(_quarantine(store, split, name))
     suspects = _suspects(folder)
     for name, record in list(info.shards.items()):
         pending, record.next = record.next, None
@@ -118,7 +139,7 @@ def verify(store: "Store") -> list[dict[str, str]]:
         recorded = store.shards(split) if split in store.manifest.splits else {}
         listed = os.path.join(images, folder)
         for name in sorted(os.listdir(listed)) if os.path.isdir(listed) else []:
-            if name.endswith(".parquet") and name not in recorded:
+            if stray(name, recorded):
                 problems.append({"split": split, "file": f"images/{folder}/{name}", "problem": "not in the manifest"})
     _note_damaged(store, problems)
     return problems + _verify_labels(store)

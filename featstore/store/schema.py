@@ -20,14 +20,17 @@ from typing import Any, Callable
 from featstore.errors import FeatstoreError
 
 FORMAT = 1
-SPLIT_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SPLIT_NAME = re.compile(r"\A(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # No fixed width: the counter grows past 999999 into longer names, up to MAX_SHARDS (never reached: 10^18 shards)
-SHARD_NAME = re.compile(r"^part-[0-9]{6,18}-[0-9a-f]{8}\.parquet$")
+SHARD_PATTERN = r"part-[0-9]{6,18}-[0-9a-f]{8}\.parquet"  # unanchored, for patterns of names built from it
+SHARD_NAME = re.compile(rf"\A{SHARD_PATTERN}\Z")
 MAX_SHARDS = 10 ** 18
-EXCHANGE_FOLDER = re.compile(r"^\.exchange-[A-Za-z0-9_.-]{1,64}-[0-9a-f]{8}$")  # in the store's root
-INDEX_NAME = re.compile(r"^index(-[0-9a-f]{32})?\.faiss$")  # in labels/; without the tag: stores made before
-CLASSES_NAME = re.compile(r"^classes(-[0-9a-f]{32})?\.parquet$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+EXCHANGE_FOLDER = re.compile(r"\A\.exchange-[A-Za-z0-9_.-]{1,64}-[0-9a-f]{8}\Z")  # in the store's root
+INDEX_NAME = re.compile(r"\Aindex(-[0-9a-f]{32})?\.faiss\Z")  # in labels/; without the tag: stores made before
+CLASSES_NAME = re.compile(r"\Aclasses(-[0-9a-f]{32})?\.parquet\Z")
+SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
+# Every pattern is anchored with \A and \Z, not ^ and $: "$" also matches before a final newline, so
+# ``.match`` let a name such as "train\n" through. ``text`` checks with ``fullmatch`` besides.
 DTYPES = ("float16", "float32")
 
 Check = Callable[[Any], None]
@@ -73,7 +76,7 @@ def text(pattern: re.Pattern | None = None, what: str = "") -> Check:
     def check(value: Any) -> None:
         if type(value) is not str:
             raise Bad(f"expected a string, got {_type_name(value)} {_shown(value)}")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):  # match's "$" would let a final "\n" in
             raise Bad(f"{_shown(value)} is not {what}")
 
     return check
@@ -160,9 +163,9 @@ ANY_INT = integer(-(1 << 63), (1 << 63) - 1)
 STRING = text()
 DIGEST = text(SHA256, "a sha256 hex digest")
 SHARD_FILE = text(SHARD_NAME, "a shard file name (part-NNNNNN-xxxxxxxx.parquet)")
-SHARD_STATS = record({"rows": COUNT, "bytes": COUNT, "sha256": DIGEST})
-SHARD = record({}, {"rows": COUNT, "bytes": COUNT, "sha256": DIGEST, "mtime_ns": ANY_INT, "next": SHARD_STATS},
-               rule=_committed_or_pending)
+SHARD_STATS = record({"rows": COUNT, "bytes": COUNT, "sha256": DIGEST}, {"footer_sha256": DIGEST})
+SHARD = record({}, {"rows": COUNT, "bytes": COUNT, "sha256": DIGEST, "mtime_ns": ANY_INT, "next": SHARD_STATS,
+                    "footer_sha256": DIGEST}, rule=_committed_or_pending)
 FAILED = record({"path": STRING, "reason": STRING, "size": ANY_INT, "mtime_ns": ANY_INT},
                 {"sha256": nullable(STRING)})
 EXCHANGE = record({"folder": text(EXCHANGE_FOLDER, "an exchange folder name (.exchange-SPLIT-xxxxxxxx)"),

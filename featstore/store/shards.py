@@ -1,12 +1,14 @@
 """Shard files: plain Parquet, sorted by id, page checksums on; written whole and fsynced, read back checked.
 
-A shard that cannot be read (truncated, a failed page checksum, vanished) or holds a null, NaN or inf
-embedding is refused as ``damaged``, with a line naming the remedy; no reader serves its rows.
+A shard that cannot be read (truncated, a failed page checksum, vanished), whose footer is not the one written
+(``check_footer``) or that holds a null, NaN or inf embedding is refused as ``damaged``, with a line naming the
+remedy; no reader serves its rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from typing import Any, Iterator
@@ -39,7 +41,23 @@ def write_parquet(table: pa.Table, path: str) -> ShardStats:
                    row_group_size=ROW_GROUP_ROWS, write_page_checksum=True)  # CRCs that readers verify
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-    return ShardStats(table.num_rows, os.path.getsize(path), sha256_file(path))
+    return ShardStats(table.num_rows, os.path.getsize(path), sha256_file(path), footer_sha256(path))
+
+
+def footer_sha256(path: str) -> str | None:
+    """The sha256 of a Parquet file's footer: its metadata (schema, row counts, page offsets, statistics),
+    which page checksums do not cover, with the 8-byte trailer that gives its length. A few KB whatever the
+    shard's size. None when the file is too short to hold the footer its trailer claims."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < 12:  # "PAR1" at each end and the footer's length
+            return None
+        f.seek(size - 8)
+        length = int.from_bytes(f.read(4), "little")
+        if length > size - 12:
+            return None
+        f.seek(size - 8 - length)
+        return hashlib.sha256(f.read(length + 8)).hexdigest()
 
 
 def shard_schema(dim: int, dtype: str, model: dict[str, Any]) -> pa.Schema:
@@ -98,6 +116,30 @@ def reading(path: str) -> Iterator[None]:
         yield
     except (OSError, pa.ArrowException) as e:
         raise damaged(path, str(e)) from None
+
+
+# Columns a shard written before they existed lacks (``conform`` fills them with nulls)
+LATER_COLUMNS = {"caption"}
+
+
+def check_footer(path: str, rows: int | None, footer: str | None, schema: pa.Schema) -> None:
+    """Refuse shard PATH (``damaged``) unless its footer is the one written: the recorded FOOTER sha256, or,
+    for a shard recorded before footers were hashed, a footer declaring ROWS rows and SCHEMA's columns and
+    types. Size and mtime, which readers trust, survive a byte flipped in place."""
+    with reading(path):
+        if footer is not None:
+            if footer_sha256(path) != footer:
+                raise damaged(path, "footer checksum mismatch")
+            return
+        meta = pq.read_metadata(path)
+        found = {field.name: field.type for field in meta.schema.to_arrow_schema()}
+        groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    if meta.num_rows != rows or sum(groups) != rows:
+        raise damaged(path, f"footer says {meta.num_rows} rows, {sum(groups)} in row groups, manifest says {rows}")
+    expected = {field.name: field.type for field in schema}
+    missing = expected.keys() - found.keys() - LATER_COLUMNS
+    if missing or any(expected.get(name) != kind for name, kind in found.items()):
+        raise damaged(path, "footer schema is not a shard's")
 
 
 def check_embeddings(column: pa.ChunkedArray | pa.Array, path: str) -> None:
