@@ -8,6 +8,7 @@ without holding either, and decoding can run in DataLoader workers.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -108,7 +109,7 @@ def decode_image(data: bytes) -> Image.Image:
 class Source(Protocol):
     """Where images come from. ``spec`` is recorded in the manifest; ``lists_hashes`` says whether listed
     items carry their sha256 (in-memory sources) or it is known only once a file is read. Source kinds
-    subclass it, and so inherit ``skip``'s default."""
+    subclass it, and so inherit ``open``'s and ``skip``'s defaults."""
 
     spec: str
     lists_hashes: bool
@@ -125,7 +126,12 @@ class Source(Protocol):
         """The item's bytes (hashed by the plan when a fingerprint changed)."""
 
     def open(self, item: Item) -> tuple[str, Image.Image]:
-        """(sha256 of the item's bytes, its RGB image)."""
+        """(sha256 of the item's bytes, its RGB image): ``read``, hashed and decoded (an in-memory source may
+        override it). An item listed with an error is never opened."""
+        if item.error:
+            raise ValueError(item.error)
+        data = self.read(item)
+        return hashlib.sha256(data).hexdigest(), decode_image(data)
 
     def skip(self, folder: str) -> None:
         """Never list what lies in FOLDER (encode passes the store's root, which may sit inside a walked

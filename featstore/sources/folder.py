@@ -10,7 +10,6 @@ between listing and ``stat``, a name that is not valid UTF-8 (id with the bytes 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import warnings
@@ -183,10 +182,6 @@ class FolderSource(base.Source):
 
     def read(self, item: Item) -> bytes:
         return base.read_file(os.path.join(self.root, item.path))
-
-    def open(self, item: Item) -> tuple[str, Image.Image]:
-        data = self.read(item)
-        return hashlib.sha256(data).hexdigest(), base.decode_image(data)
 
     @classmethod
     def from_spec(cls, rest: str, split: str) -> "FolderSource":

@@ -16,7 +16,6 @@ import hashlib
 import os
 from typing import Iterator
 
-from PIL import Image
 
 from featstore.errors import FeatstoreError
 from featstore.sources import base
@@ -126,11 +125,6 @@ class HfSource(base.Source):
                 return f.read()
         raise FileNotFoundError("row has no image")
 
-    def open(self, item: Item) -> tuple[str, Image.Image]:
-        if item.error:
-            raise ValueError(item.error)
-        data = self.read(item)
-        return hashlib.sha256(data).hexdigest(), base.decode_image(data)
 
     @classmethod
     def from_spec(cls, rest: str, split: str) -> "HfSource":

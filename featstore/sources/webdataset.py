@@ -16,13 +16,11 @@ unchanged tar's headers and small label and caption members are read, never its 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
 from typing import Iterator
 
-from PIL import Image
 
 from featstore.errors import FeatstoreError
 from featstore.sources import base
@@ -187,11 +185,6 @@ class WebDatasetSource(base.Source):
             raise OSError(f"{tar} is truncated at {member}")
         return data
 
-    def open(self, item: Item) -> tuple[str, Image.Image]:
-        if item.error:
-            raise ValueError(item.error)
-        data = self.read(item)
-        return hashlib.sha256(data).hexdigest(), base.decode_image(data)
 
     def __getstate__(self) -> dict:  # a spawned worker builds its own indexes
         return {**self.__dict__, "_indexes": {}}
