@@ -74,7 +74,7 @@ def _merge(store: Store, split: str, runs: list[list[str]], shard_rows: int, pro
     with store.rewrite_shards(split, dropped) as write, \
             tqdm(total=total, unit=" rows", desc="compact", disable=not progress, file=sys.stderr) as bar:
         for table in _merged(runs, max(64, MERGE_ROWS // len(runs)), shard_rows, schema):
-            write(table)
+            write(store.give_keys(split, table))  # rows of shards written before keys get theirs here
             bar.update(table.num_rows)
             del table
             pa.default_memory_pool().release_unused()  # else the allocator keeps every shard's pages

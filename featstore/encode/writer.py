@@ -72,7 +72,7 @@ class ShardWriter:
     def rows(self, items: list[Item], embeddings: np.ndarray, shas: list[str]) -> pa.Table:
         flat = pa.array(np.ascontiguousarray(embeddings, dtype=self.dtype).reshape(-1))
         now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
-        return pa.table(
+        table = pa.table(
             {
                 "id": [it.id for it in items],
                 "path": [it.path for it in items],
@@ -83,9 +83,11 @@ class ShardWriter:
                 "sha256": shas,
                 "encoded_at": pa.array([now.value] * len(items), pa.timestamp("ms", tz="UTC")),
                 "caption": [it.caption for it in items],
+                "key": pa.nulls(len(items), pa.int64()),
             },
             schema=self.schema,
         )
+        return self.store.give_keys(self.split, table)
 
     def add(self, items: list[Item], embeddings: np.ndarray, shas: list[str], failures: list[tuple[Item, str]]) -> None:
         """Rows of encoded ITEMS, which come in id order (the plan's order)."""
@@ -190,7 +192,7 @@ class ShardWriter:
         keep = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(changes.drop, pa.string()))))
         new_rows = pa.Table.from_batches([batch.take(pa.array(numbers, pa.int64())) for batch, numbers in changes.new_rows],
                                          schema=self.schema)
-        patched = pa.concat_tables([keep, new_rows, self._retouch(table, changes.retouched)])
+        patched = self.store.give_keys(self.split, pa.concat_tables([keep, new_rows, self._retouch(table, changes.retouched)]))
         failed = self.store.split_info(self.split).failed
         for row_id in new_rows.column("id").to_pylist():
             failed.pop(row_id, None)

@@ -26,7 +26,9 @@ import os
 import uuid
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from featstore.errors import FeatstoreError
 from featstore.store import exchange, lock, manifest, repair
@@ -34,7 +36,7 @@ from featstore.store.files import atomic_write, fsync_dir, sha256_file, temp_nam
 from featstore.store.manifest import Failure, LabelIndex, Manifest, Shard, Split
 from featstore.store.merge import chain_runs
 from featstore.store.read import LABELS, Reads
-from featstore.store.schema import MAX_SHARDS, SPLIT_NAME
+from featstore.store.schema import MAX_KEY, MAX_SHARDS, SPLIT_NAME
 from featstore.store.shards import (DEFAULT_SHARD_ROWS, DTYPES, DamagedShard, check_footer, conform, damaged,
                                         embedding_matrix, id_range, read_shard, reading, run_batches, shard_schema,
                                         sort_by_id, streaming_reader, write_parquet)
@@ -194,6 +196,42 @@ class Store(Reads):
             raise FeatstoreError(f"store {self.root} has used all {MAX_SHARDS} shard numbers")
         self.manifest.next_shard = number + 1
         return f"part-{number:06d}-{uuid.uuid4().hex[:8]}.parquet"
+
+    def give_keys(self, split: str, table: pa.Table) -> pa.Table:
+        """TABLE with a fresh key for each row whose ``key`` is null (all of a new batch's; rows of shards written
+        before keys existed), in row order, from the split's counter. A key names one embedding of one row for
+        good: it is never given again, and a row keeps it through retouches, patches and compaction (a changed
+        file's new row gets a new key). The counter is saved with the next commit, before any shard holding
+        these keys becomes visible, so a key seen in a shard is always below the recorded counter."""
+        table = conform(table, self.shard_schema()) if "key" not in table.column_names else table
+        column = table.column("key")
+        missing = column.null_count
+        if not missing:
+            return table
+        info = self.split_info(split, create=True)
+        if info.next_key + missing > MAX_KEY:
+            raise FeatstoreError(f"split {split!r} has used all {MAX_KEY} row keys")
+        keys = column.fill_null(0).to_numpy().astype(np.int64)  # a copy, writable
+        nulls = column.is_null().to_numpy()
+        keys[nulls] = np.arange(info.next_key, info.next_key + missing, dtype=np.int64)
+        info.next_key += missing
+        index = table.schema.get_field_index("key")
+        return table.set_column(index, table.schema.field(index), pa.array(keys, pa.int64()))
+
+    def key_all_rows(self, split: str) -> int:
+        """Give every row of SPLIT a key (writers only, under the lock): shards written before keys existed are
+        rewritten in place, one atomic replacement each (a kill leaves each shard old or keyed). Returns the
+        rows that got one."""
+        given = 0
+        for path in self.shard_paths(split):
+            name = os.path.basename(path)
+            if "key" in pq.read_schema(path).names and not read_shard(path, ["key"]).column(0).null_count:
+                continue
+            table = read_shard(path, schema=self.shard_schema())
+            missing = table.column("key").null_count
+            self.write_shard(split, self.give_keys(split, table), name=name)
+            given += missing
+        return given
 
     def write_shard(self, split: str, table: pa.Table, name: str | None = None) -> str:
         """Commit TABLE as a new shard, or as an atomic replacement of shard NAME.

@@ -89,15 +89,42 @@ class Exchange:
 
 
 @dataclass(slots=True)
+class ImageIndex:
+    """A split's image index (``featstore index``): the FAISS file ``STORE/image-index/FILE`` over the split's
+    normalised embeddings keyed by row key, what it was built as and how good it measured."""
+
+    file: str  # SPLIT-HEX.faiss, a new name each commit
+    sha256: str
+    bytes: int
+    kind: str  # faiss index_factory string
+    rows: int  # live rows it holds (the split's rows when current)
+    recall_at_10: float  # measured against exact search on held-out rows (1.0 for Flat)
+    target: float  # the recall target its search parameters were tuned to
+    params: str  # "nprobe=N" / "efSearch=N", "" for exact kinds
+    sized_for: int  # rows its coarse quantizer was sized for
+    trained_on: int
+    built_at: str
+    updated_at: str | None = None
+    max_memory: int | None = None  # the budget it was built under (updates and rebuilds keep to it)
+    model: str | None = None  # the store model's spec when it was built
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.__slots__ if getattr(self, key) is not None}
+
+
+@dataclass(slots=True)
 class Split:
     source: str | None = None
     shards: dict[str, Shard] = field(default_factory=dict)
     failed: dict[str, Failure] = field(default_factory=dict)
     exchange: Exchange | None = None
+    next_key: int = 0  # the next row key to give (``Store.give_keys``): keys are never reused
+    index: ImageIndex | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {"source": self.source, "shards": {name: s.to_json() for name, s in self.shards.items()},
-                "failed": {row_id: f.to_json() for row_id, f in self.failed.items()}}
+                "failed": {row_id: f.to_json() for row_id, f in self.failed.items()}, "next_key": self.next_key}
+        data |= {"index": self.index.to_json()} if self.index else {}
         return data | ({"exchange": self.exchange.to_json()} if self.exchange else {})
 
 
@@ -161,7 +188,9 @@ def _split(data: dict[str, Any]) -> Split:
     pending = data.get("exchange")
     exchange = Exchange(pending["folder"], {name: _stats(s) for name, s in pending["added"].items()},
                         list(pending["dropped"])) if pending else None
-    return Split(data.get("source"), shards, failed, exchange)
+    index = data.get("index")
+    index = ImageIndex(**{key: index.get(key) for key in ImageIndex.__slots__}) if index else None
+    return Split(data.get("source"), shards, failed, exchange, data.get("next_key", 0), index)
 
 
 def from_json(data: Any, source: str) -> Manifest:

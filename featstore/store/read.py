@@ -9,10 +9,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from featstore.errors import FeatstoreError
 from featstore.store.merge import merge_sorted
-from featstore.store.shards import embedding_matrix, fill_embeddings, read_shard, run_rows, sort_by_id
+from featstore.store.shards import (check_embeddings, embedding_matrix, fill_embeddings, read_shard, reading,
+                                    run_batches, run_rows, sort_by_id, streaming_reader)
 
 LABELS = "labels"  # the folder of the label index and class table (``featstore labels``)
 
@@ -63,6 +65,52 @@ class Reads:
         labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
         return table.column("id").to_pylist(), embedding_matrix(table.column("embedding"), self.dim), labels
 
+    # ---- rows by key (the image index) ---------------------------------------------------------------
+    def key_batches(self, split: str) -> "KeyBatches":
+        """The split's (int64 keys, float32 embeddings), a batch at a time, re-read on each iteration."""
+        return KeyBatches(self, split)
+
+    def live_keys(self, split: str) -> np.ndarray:
+        """The keys of the split's rows, sorted; a row without one (written before keys) is an error."""
+        keys = [_keys(read_shard(path, ["key"], pa.schema([self.shard_schema().field("key")]))["key"], path)
+                for path in self.shard_paths(split)]
+        return np.sort(np.concatenate([np.empty(0, np.int64), *keys]))
+
+    def rows_by_key(self, split: str, keys: np.ndarray, columns: list[str]) -> pa.Table:
+        """COLUMNS (and ``key``) of the split's rows whose key is in KEYS, in no particular order; keys no row
+        has are absent. Reads each shard's key column, then only the row groups holding a wanted row."""
+        wanted = pa.array(np.unique(np.asarray(keys, np.int64)), pa.int64())
+        schema = self.shard_schema()
+        columns = list(dict.fromkeys([*columns, "key"]))
+        found = [schema.empty_table().select(columns)]
+        for path in self.shard_paths(split):
+            with reading(path):
+                shard = streaming_reader(path)
+                if "key" not in shard.schema_arrow.names:
+                    continue
+                groups = [shard.read_row_group(g, columns=["key"]).column(0) for g in range(shard.num_row_groups)]
+                hit = [g for g, column in enumerate(groups) if pc.any(pc.is_in(column, wanted)).as_py()]
+                for g in hit:
+                    table = shard.read_row_group(g, columns=columns)
+                    found.append(table.filter(pc.is_in(table.column("key"), wanted)))
+                    if "embedding" in columns:
+                        check_embeddings(found[-1].column("embedding"), path)
+        return pa.concat_tables(found)
+
+    def embeddings_by_key(self, split: str, keys: np.ndarray) -> np.ndarray:
+        """The float32 embeddings of the rows with KEYS, in that order; a NaN row for a key no row has (what
+        ``featstore.index.search``'s rerank expects)."""
+        keys = np.asarray(keys, np.int64)
+        found = self.rows_by_key(split, keys, ["embedding"])
+        out = np.full((len(keys), self.dim), np.nan, np.float32)
+        stored = found.column("key").to_numpy()
+        order = np.argsort(stored)
+        at = np.searchsorted(stored[order], keys)
+        hit = at < len(stored)
+        hit[hit] = stored[order][at[hit]] == keys[hit]
+        out[hit] = embedding_matrix(found.column("embedding"), self.dim)[order[at[hit]]]
+        return out
+
     # ---- reports --------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """What ``featstore info`` shows; reads the manifest only."""
@@ -70,7 +118,7 @@ class Reads:
         for name, info in sorted(self.manifest.splits.items()):
             shards = [r for r in info.shards.values() if r.committed]
             splits[name] = {"rows": sum(r.rows for r in shards), "failed": len(info.failed),
-                            "shards": len(shards), "source": info.source}
+                            "shards": len(shards), "source": info.source, "index": _index_summary(info, shards)}
         labels = self.manifest.labels
         return {
             "store": self.root,
@@ -97,3 +145,33 @@ class Reads:
         folder = os.path.join(self.root, LABELS)
         return (os.path.join(folder, labels.index_file if labels and labels.index_file else "index.faiss"),
                 os.path.join(folder, labels.classes_file if labels and labels.classes_file else "classes.parquet"))
+
+
+def _index_summary(info, shards: list) -> dict[str, Any] | None:
+    """The split's image index as ``info`` shows it; ``current`` when it holds as many rows as the split."""
+    index = info.index
+    if index is None:
+        return None
+    return {"kind": index.kind, "rows": index.rows, "recall_at_10": index.recall_at_10, "bytes": index.bytes,
+            "current": index.rows == sum(r.rows for r in shards), "params": index.params,
+            "built_at": index.built_at, "updated_at": index.updated_at}
+
+
+def _keys(column: pa.ChunkedArray, path: str) -> np.ndarray:
+    if column.null_count:
+        raise FeatstoreError(f"shard {os.path.basename(path)} has rows without keys (written before row keys): "
+                             "featstore index gives them keys")
+    return column.to_numpy().astype(np.int64, copy=False)
+
+
+class KeyBatches:
+    """(keys, float32 embeddings) of a split's rows, shard by shard in READ_ROWS batches; each iteration
+    re-reads the shards (``featstore.index.build`` makes two passes), checked as every reader checks them."""
+
+    def __init__(self, store: "Reads", split: str):
+        self.store, self.split = store, split
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for path in self.store.shard_paths(self.split):
+            for _, batch in run_batches([path], ["key", "embedding"]):
+                yield _keys(batch.column("key"), path), embedding_matrix(batch.column("embedding"), self.store.dim)

@@ -27,6 +27,7 @@ SHARD_NAME = re.compile(rf"\A{SHARD_PATTERN}\Z")
 MAX_SHARDS = 10 ** 18
 EXCHANGE_FOLDER = re.compile(r"\A\.exchange-[A-Za-z0-9_.-]{1,64}-[0-9a-f]{8}\Z")  # in the store's root
 INDEX_NAME = re.compile(r"\Aindex(-[0-9a-f]{32})?\.faiss\Z")  # in labels/; without the tag: stores made before
+IMAGE_INDEX_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{16}\.faiss\Z")  # in image-index/
 CLASSES_NAME = re.compile(r"\Aclasses(-[0-9a-f]{32})?\.parquet\Z")
 SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
 # Every pattern is anchored with \A and \Z, not ^ and $: "$" also matches before a final newline, so
@@ -78,6 +79,14 @@ def text(pattern: re.Pattern | None = None, what: str = "") -> Check:
             raise Bad(f"expected a string, got {_type_name(value)} {_shown(value)}")
         if pattern is not None and not pattern.fullmatch(value):  # match's "$" would let a final "\n" in
             raise Bad(f"{_shown(value)} is not {what}")
+
+    return check
+
+
+def number(low: float, high: float) -> Check:
+    def check(value: Any) -> None:
+        if type(value) not in (int, float) or not low <= value <= high:
+            raise Bad(f"{_shown(value)} is not a number in [{low:g}, {high:g}]")
 
     return check
 
@@ -158,6 +167,7 @@ def _unique_classes(manifest: dict) -> str | None:
     return "classes lists a name twice" if len(set(classes)) != len(classes) else None
 
 
+MAX_KEY = (1 << 62)  # row keys are int64 for FAISS; a split gives at most this many in its life
 COUNT = integer()
 ANY_INT = integer(-(1 << 63), (1 << 63) - 1)
 STRING = text()
@@ -170,8 +180,14 @@ FAILED = record({"path": STRING, "reason": STRING, "size": ANY_INT, "mtime_ns": 
                 {"sha256": nullable(STRING)})
 EXCHANGE = record({"folder": text(EXCHANGE_FOLDER, "an exchange folder name (.exchange-SPLIT-xxxxxxxx)"),
                    "added": mapping(SHARD_FILE, SHARD_STATS), "dropped": list_of(SHARD_FILE)})
+IMAGE_INDEX = record({"file": text(IMAGE_INDEX_NAME, "an image index file name (SPLIT-HEX.faiss)"), "sha256": DIGEST,
+                      "bytes": COUNT, "kind": STRING, "rows": COUNT, "recall_at_10": number(0, 1),
+                      "target": number(0, 1), "params": STRING, "sized_for": COUNT, "trained_on": COUNT,
+                      "built_at": STRING},
+                     {"updated_at": STRING, "max_memory": integer(1), "model": STRING})
 SPLIT = record({"shards": mapping(SHARD_FILE, SHARD), "failed": mapping(STRING, FAILED)},
-               {"source": nullable(STRING), "exchange": EXCHANGE})
+               {"source": nullable(STRING), "exchange": EXCHANGE, "next_key": integer(0, MAX_KEY),
+                "index": IMAGE_INDEX})
 LABELS = record({"classes": COUNT, "templates": list_of(STRING), "display_names": list_of(STRING),
                  "index_sha256": DIGEST},
                 {"created_at": STRING, "index_file": text(INDEX_NAME, "a label index file name (index-HEX.faiss)"),

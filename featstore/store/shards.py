@@ -72,6 +72,7 @@ def shard_schema(dim: int, dtype: str, model: dict[str, Any]) -> pa.Schema:
             pa.field("sha256", pa.string()),
             pa.field("encoded_at", pa.timestamp("ms", tz="UTC")),
             pa.field("caption", pa.string()),  # webdataset .txt; shards written before it lack it (``conform``)
+            pa.field("key", pa.int64()),  # the row's stable key (``Store.give_keys``); null in shards written before
         ],
         metadata={"featstore.model": json.dumps(model, sort_keys=True)},
     )
@@ -119,7 +120,7 @@ def reading(path: str) -> Iterator[None]:
 
 
 # Columns a shard written before they existed lacks (``conform`` fills them with nulls)
-LATER_COLUMNS = {"caption"}
+LATER_COLUMNS = {"caption", "key"}
 
 
 def check_footer(path: str, rows: int | None, footer: str | None, schema: pa.Schema) -> None:
