@@ -239,6 +239,67 @@ def query(
 
 @app.command()
 @_guard
+def search(
+    store: str = typer.Argument(..., help="Store directory"),
+    split: str = typer.Option(..., "--split", help="The split searched (its image index: featstore index)"),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="Images matching this text (repeatable)"),
+    image: Optional[List[str]] = typer.Option(None, "--image", help="Images like this image file (repeatable)"),
+    row_id: Optional[List[str]] = typer.Option(None, "--id", help="Images like this stored row (repeatable)"),
+    k: int = typer.Option(10, "--k", help="Results per query"),
+    templates: Optional[str] = typer.Option(None, "--templates", help="Ensemble each --text over these templates "
+                                            "(a file, one per line, or paper80), as labels does"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The split's images nearest to texts, image files or stored rows: live rows only, best first (cosine)."""
+    from featstore.index.query import search_split
+
+    found = search_split(store, split, text, image, row_id, k, templates, device)
+    if as_json:
+        _print_json(found)
+        return
+    kind = "text" if text else "image" if image else "id"
+    for entry in found:
+        typer.echo(f"{kind} {_one_line(entry['query'])}")
+        for rank, row in enumerate(entry["results"], 1):
+            typer.echo(f"{rank:>4}  {row['score']:7.4f}  {_one_line(row['label'] or '-'):<16}  {_one_line(row['id'])}")
+
+
+@app.command()
+@_guard
+def dedup(
+    store: str = typer.Argument(..., help="Store directory"),
+    split: str = typer.Option(..., "--split", help="The split (its image index: featstore index)"),
+    threshold: float = typer.Option(0.95, "--threshold", help="Pairs at this cosine or above (exact copies: always)"),
+    k: int = typer.Option(10, "--k", help="Nearest rows each row is compared with"),
+    out: Optional[str] = typer.Option(None, "--out", help="Write every pair (id_a, id_b, score) to this Parquet file"),
+    against: Optional[str] = typer.Option(None, "--against", help="Rows of this split near rows of --split (leakage)"),
+    as_json: bool = typer.Option(False, "--json", help='Print {"pairs", "groups", "rows_in_groups"} (counts)'),
+):
+    """Near-duplicate pairs and groups in a split (or across two), exact copies (same sha256) included."""
+    from featstore.index.duplicates import dedup_split
+
+    result = dedup_split(store, split, threshold, k, out, against)
+    if as_json:
+        _print_json({key: result[key] for key in ("pairs", "groups", "rows_in_groups")})
+        return
+    where = f"split {split}" if against is None else f"rows of {against} near rows of {split}"
+    typer.echo(f"{where}: {result['pairs']} pairs at cosine >= {threshold:g} in {result['groups']} groups "
+               f"({result['rows_in_groups']} rows)")
+    for number, group in enumerate(result["group_ids"][:DEDUP_SHOWN], 1):
+        names = (row_id if against is None else f"{name}:{row_id}" for name, row_id in group)
+        typer.echo(f"group {number} ({len(group)} rows): {_one_line(', '.join(names))}")
+    if result["groups"] > DEDUP_SHOWN:
+        typer.echo(f"... {result['groups'] - DEDUP_SHOWN} more groups" + ("" if out else " (--out FILE for every pair)"))
+    if out:
+        typer.echo(f"pairs written to {result['out']}")
+
+
+DEDUP_SHOWN = 20  # groups dedup lists; --out holds every pair
+
+
+@app.command()
+@_guard
 def probe(
     store: str = typer.Argument(..., help="Store directory"),
     train_split: str = typer.Option(..., "--train-split"),
@@ -341,6 +402,12 @@ def info(
                f"labels  {'index of %d templates' % summary['templates'] if summary['label_index'] else 'none (run featstore labels)'}")
     for name, s in summary["splits"].items():
         typer.echo(f"split {name}: {s['rows']} rows, {s['failed']} failed, {s['shards']} shards  <- {_one_line(str(s['source']))}")
+        if "index" in s:
+            from featstore.index.split import human_size
+
+            i = s["index"]
+            typer.echo(f"  index {i['kind']}: {i['rows']} rows, recall@10 {i['recall_at_10']:.3f}, "
+                       f"{human_size(i['bytes'])}, {'current' if i['current'] else 'behind the split (run encode)'}")
 
 
 @app.command()
@@ -349,7 +416,13 @@ def verify(store: str = typer.Argument(..., help="Store directory"), as_json: bo
     """Check every shard against the manifest's checksums and row counts; exit 1 if any is damaged."""
     from featstore.store import Store
 
-    problems = Store.open(store).verify()
+    opened = Store.open(store)
+    problems = opened.verify()
+    from featstore.store import image_index
+
+    for name in image_index.unnamed(opened):  # no damage: the next writer removes them
+        typer.echo(f"note: {image_index.FOLDER}/{_one_line(name)}: left by an interrupted writer (the next one "
+                   "removes it)", err=True)
     if as_json:
         _print_json({"ok": not problems, "problems": problems})
     else:
@@ -358,6 +431,32 @@ def verify(store: str = typer.Argument(..., help="Store directory"), as_json: bo
         typer.echo("store ok" if not problems else f"{len(problems)} damaged or missing files; run featstore encode to repair")
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def index(
+    store: str = typer.Argument(..., help="Store directory"),
+    split: str = typer.Option(..., "--split", help="The split whose image embeddings to index"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="The index's memory budget, e.g. 512M or 2G"),
+    kind: str = typer.Option("auto", "--kind", help="auto, flat, hnsw, ivf-flat, ivf-pq or an index_factory string"),
+    as_json: bool = typer.Option(False, "--json", help='Print {"split", "kind", "rows", "bytes", "recall_at_10"}'),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
+):
+    """Build the split's FAISS image index (search, dedup); every encode of the split keeps it current."""
+    from featstore.index.split import build_index, human_size
+
+    result = build_index(store, split, kind, max_memory, progress=not quiet)
+    if as_json:
+        _print_json({key: result[key] for key in ("split", "kind", "rows", "bytes", "recall_at_10")})
+        return
+    for line in result["repairs"]:
+        typer.echo(f"repaired: {line}", err=True)
+    if result["keyed"]:
+        typer.echo(f"gave row keys to {result['keyed']} rows written before keys", err=True)
+    typer.echo(f"split {split}: {result['kind']} index of {result['rows']} rows, {human_size(result['bytes'])}, "
+               f"recall@10 {result['recall_at_10']:.3f} ({result['params'] or 'exact'}, target {result['target']:g}) "
+               f"| {result['seconds']:.1f}s\n-> {result['file']}")
 
 
 @app.command()

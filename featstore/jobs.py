@@ -41,9 +41,10 @@ from typing import Any, Callable, NamedTuple
 from featstore.data import named_or_file
 from featstore.errors import FeatstoreError, ModelUnavailable
 
-STEPS = ("encode", "labels", "query", "probe", "report")
+STEPS = ("encode", "labels", "index", "dedup", "query", "probe", "report")
 # what a step reads
-STEP_SECTION = {"encode": "split", "labels": None, "query": "query", "probe": "probe", "report": "report"}
+STEP_SECTION = {"encode": "split", "labels": None, "index": "index", "dedup": "dedup", "query": "query", "probe": "probe",
+                "report": "report"}
 ENCODE_KEYS = {"model", "batch_size", "workers", "device", "precision", "dtype", "shard_rows", "allow_slow_bf16",
                "allow_removals", "engine", "ray_address", "actors", "gpus_per_actor", "cpus_per_decoder"}
 MANIFEST = "featstore.json"  # featstore.store.MANIFEST, written out: the store module is a heavy import
@@ -134,6 +135,10 @@ PROBE = {"train_split": Key("string", True), "test_split": Key("string", True), 
          "out": Key("string"),  # save the classifier (probe --out), which the report step then evaluates
          "shots": Key("integers", check=_shots), "seeds": Key("integer", check=at_least(1))}  # probe --shots/--seeds
 REPORT = {"split": Key("string", True), "out": Key("string")}  # featstore report --split/--out
+# featstore index: built when the split has none (encode keeps it current after that) or its kind/budget changed
+INDEX = {"split": Key("string", True), "kind": Key("string"), "max_memory": Key("string")}
+DEDUP = {"split": Key("string", True), "threshold": Key("number", check=lambda v: None if -1 <= v <= 1 else "must be in [-1, 1]"),
+         "k": Key("integer", check=at_least(1)), "out": Key("string"), "against": Key("string")}  # featstore dedup
 JOB = {
     "store": Key("string", True),
     "model": Key("string"),
@@ -157,6 +162,8 @@ JOB = {
     "query": Key("table", schema=QUERY),
     "probe": Key("table", schema=PROBE),
     "report": Key("table", schema=REPORT),
+    "index": Key("table", schema=INDEX),
+    "dedup": Key("table", schema=DEDUP),
 }
 
 
@@ -249,13 +256,14 @@ def _validate(job: dict[str, Any], base: str) -> None:
             labels[key] = named_or_file(labels[key], key, base)
             if "labels" in steps and not os.path.isfile(labels[key]):
                 raise FeatstoreError(f"[labels].{key}: no such file {labels[key]}")
-    for section in ("probe", "report"):
+    for section in ("probe", "report", "dedup"):
         if "out" in job.get(section, {}):
             job[section]["out"] = os.path.join(base, job[section]["out"])
     encoded = set(names) if "encode" in steps else set()
     stored = _stored_splits(job["store"])
-    references = {"query": ("split",), "probe": ("train_split", "test_split"), "report": ("split",)}
-    for step, key in [(step, key) for step in steps for key in references.get(step, ())]:
+    references = {"query": ("split",), "probe": ("train_split", "test_split"), "report": ("split",),
+                  "index": ("split",), "dedup": ("split", "against")}
+    for step, key in [(step, key) for step in steps for key in references.get(step, ()) if key in job[step]]:
         name = job[step][key]
         if stored is not None and name not in encoded | stored:
             raise FeatstoreError(f"[{step}].{key} names split {name!r}, which no [[split]] encodes and store "
@@ -306,6 +314,21 @@ def run_job(path: str, echo: Callable[[str], None] = print) -> dict[str, Any]:
         spec = job.get("labels", {})
         results["labels"] = build_labels(store, spec.get("template"), spec.get("templates"), spec.get("classes"))
         echo(f"labels: {results['labels']['classes']} classes x {results['labels']['templates']} templates")
+    if "index" in job["steps"]:
+        from featstore.index.split import human_size
+
+        spec = job["index"]
+        results["index"] = built = _index_if_needed(store, spec)
+        echo(f"index {spec['split']}: " + (f"{built['kind']} of {built['rows']} rows, {human_size(built['bytes'])}, "
+                                          f"recall@10 {built['recall_at_10']:.3f}" if built else "current (encode keeps it so)"))
+    if "dedup" in job["steps"]:
+        from featstore.index.duplicates import dedup_split
+
+        spec = job["dedup"]
+        results["dedup"] = d = dedup_split(store, spec["split"], spec.get("threshold", 0.95), spec.get("k", 10),
+                                           spec.get("out"), spec.get("against"))
+        echo(f"dedup {spec['split']}: {d['pairs']} pairs in {d['groups']} groups ({d['rows_in_groups']} rows)"
+             + (f" -> {d['out']}" if d.get("out") else ""))
     if "query" in job["steps"]:
         results["query"] = query_split(store, job["query"]["split"], job["query"].get("top_k", 5))
         q = results["query"]
@@ -333,3 +356,17 @@ def run_job(path: str, echo: Callable[[str], None] = print) -> dict[str, Any]:
                                    results.get("fewshot"), job["report"].get("out"))
         echo(f"report: {len(results['report']['images'])} plots -> {results['report']['index']}")
     return results
+
+
+def _index_if_needed(store: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Build the split's image index unless it has one of the asked kind and budget (encode keeps it current)."""
+    from featstore.index.build import parse_size
+    from featstore.index.split import build_index, family
+    from featstore.store import Store
+
+    record = Store.open(store).split_info(spec["split"]).index
+    budget, kind = parse_size(spec.get("max_memory")), spec.get("kind", "auto")
+    if record and budget == record.max_memory and kind in ("auto", record.kind,
+                                                          family(record.kind, record.rows, 1, budget)):
+        return None
+    return build_index(store, spec["split"], spec.get("kind", "auto"), budget, progress=False)

@@ -46,7 +46,8 @@ BAD_JOBS = {
                     "unknown key [[split]] #1.sorce (did you mean 'source'?)"),
     # misspelled or repeated steps
     "step lables": (HEAD + 'steps = ["encode", "lables"]\n' + SPLITS,
-                    "steps has unknown step 'lables' (did you mean 'labels'?): steps are encode, labels, query, probe"),
+                    "steps has unknown step 'lables' (did you mean 'labels'?): steps are encode, labels, index, dedup, "
+                    "query, probe"),
     "step encdoe": (HEAD + 'steps = ["encdoe"]\n', "steps has unknown step 'encdoe' (did you mean 'encode'?)"),
     "step twice": (HEAD + 'steps = ["encode", "encode"]\n' + SPLITS, "steps lists 'encode' twice"),
     "no steps": (HEAD + "steps = []\n", "steps must name at least one step"),
@@ -58,6 +59,11 @@ BAD_JOBS = {
                                    "steps include 'query' but the job has no [query]"),
     "encode step without splits": (HEAD + 'steps = ["encode"]\n',
                                    "steps include 'encode' but the job has no [[split]]"),
+    "index step without [index]": (HEAD + 'steps = ["encode", "index"]\n' + SPLITS,
+                                   "steps include 'index' but the job has no [index]"),
+    "dedup threshold": (HEAD + SPLITS + '[dedup]\nsplit = "train"\nthreshold = 2\n', "[dedup].threshold must be in [-1, 1]"),
+    "dedup against unknown": (HEAD + SPLITS + '[dedup]\nsplit = "train"\nagainst = "tset"\n',
+                              "[dedup].against names split 'tset', which no [[split]] encodes"),
     "no store": (SPLITS, "store is required"),
     # a string, a table or a scalar where a list or an array of tables is expected
     "steps string": (HEAD + 'steps = "encode"\n' + SPLITS, "steps must be a list of strings, not a string ('encode')"),

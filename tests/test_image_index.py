@@ -146,6 +146,8 @@ def test_dedup_finds_exact_and_lightly_altered_copies(data):
     leak = fi.dedup(index, noisy[:3], np.arange(90_000, 90_003), threshold=0.98, cross=True)  # another split
     found = set(zip(*(ids.tolist() for ids in leak["pairs"][:2])))
     assert found == {(90_000 + i, int(row)) for i in range(3) for row in (altered[i], copy_keys[15 + i])}
+    same_keys = fi.dedup(index, noisy[:3], altered[:3], threshold=0.98, cross=True)  # key spaces are per split
+    assert set(zip(*(ids.tolist() for ids in same_keys["pairs"][:2]))) >= {(int(k), int(k)) for k in altered[:3]}
 
 
 def test_save_load_keeps_removals_and_refuses_bad_input(data, tmp_path):

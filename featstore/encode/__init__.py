@@ -26,6 +26,7 @@ from featstore.encode.runner import run_pipeline
 from featstore.encode.writer import ShardWriter
 from featstore.errors import FeatstoreError
 from featstore.hardware import warn_slow_bf16
+from featstore.index.split import refresh as refresh_index
 from featstore.identity import describe, same_model
 from featstore.models import DEFAULT_MODEL, load_model
 from featstore.sources import open_source
@@ -112,6 +113,7 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         compacted = 0
         if writer.shards_written:  # new shards may have added a sorted run; patches never do
             compacted = compact_split(store, split, AUTO_KEEP, shard_rows, progress, when_over=AUTO_RUNS)["rows_rewritten"]
+        index = refresh_index(store, split, progress)  # the split's image index, if it has one, kept current
     seconds = time.perf_counter() - started
     info = store.split_info(split)
     encoded = writer.encoded
@@ -134,4 +136,5 @@ def encode(source: str, store_dir: str, split: str, model: str = DEFAULT_MODEL, 
         "seconds": round(seconds, 3),
         "img_per_s": round(len(plan.to_encode) / seconds, 2) if seconds > 0 else None,
         "repairs": repairs,
+        "index": index,
     }

@@ -51,11 +51,32 @@ def live_rows(index) -> int:
     return int(index.ntotal) - tombstones(index)
 
 
+def held_keys(index) -> np.ndarray:
+    """The keys of the rows INDEX holds (those a search can return), sorted: an IDMap's ids less tombstones,
+    or an IVF's inverted lists' ids."""
+    import faiss
+
+    wrapper, inner = _parts(index)
+    if wrapper is not None:
+        ids = faiss.vector_to_array(wrapper.id_map)
+        return np.sort(ids[ids >= 0])
+    ivf = faiss.extract_index_ivf(inner)
+    lists, found = ivf.invlists, []
+    for number in range(ivf.nlist):
+        size = lists.list_size(number)
+        if size:
+            ids = lists.get_ids(number)
+            found.append(faiss.rev_swig_ptr(ids, size).copy())
+            lists.release_ids(number, ids)
+    return np.sort(np.concatenate([np.empty(0, np.int64), *found]))
+
+
 def search(index, queries, k: int = 10, rerank=None, factor: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """The K nearest live rows of each query (L2-normalised here): ``(cosines, keys)``, best first, each of shape
     (queries, K); -1 keys (score -inf) where fewer than K rows exist. A PQ index's scores are approximate:
     RERANK, a callable ``keys -> vectors`` (the store reading rows from its shards), re-scores FACTOR x K
-    candidates exactly, as faiss's IndexRefine does with the vectors kept on disk instead of in the index."""
+    candidates exactly, as faiss's IndexRefine does with the vectors kept on disk instead of in the index.
+    A row RERANK returns as NaN (no longer stored: the index is behind the store) is left out."""
     import faiss
 
     queries = np.array(queries, dtype=np.float32, ndmin=2)
@@ -68,11 +89,16 @@ def search(index, queries, k: int = 10, rerank=None, factor: int = 4) -> tuple[n
     if rerank is not None:
         valid = keys >= 0
         unique, where = np.unique(keys[valid], return_inverse=True)
-        _, vectors = checked(unique, rerank(unique), index.d)
+        vectors = np.array(rerank(unique), dtype=np.float32, ndmin=2).reshape(len(unique), index.d)
+        stored = np.isfinite(vectors).all(axis=1)
+        vectors[stored] = checked(unique[stored], vectors[stored], index.d)[1]
+        vectors[~stored] = 0
         scores = np.full(keys.shape, -np.inf, np.float32)
-        scores[valid] = np.einsum("ij,ij->i", vectors[where], queries[np.nonzero(valid)[0]])
+        scores[valid] = np.where(stored[where], np.einsum("ij,ij->i", vectors[where], queries[np.nonzero(valid)[0]]),
+                                 -np.inf)
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         scores, keys = np.take_along_axis(scores, best, 1), np.take_along_axis(keys, best, 1)
+        keys[np.isneginf(scores)] = -1
     scores[keys < 0] = -np.inf
     return scores, keys
 
@@ -140,7 +166,7 @@ def near_pairs(index, keys, vectors, threshold: float = 0.95, k: int = 10, cross
     keys, vectors = checked(keys, vectors, index.d)
     scores, found = search(index, vectors, k if cross else k + 1)
     a = np.broadcast_to(keys[:, None], found.shape)
-    keep = (scores >= threshold) & (found >= 0) & (found != a)
+    keep = (scores >= threshold) & (found >= 0) & (cross | (found != a))  # across splits, equal keys are two rows
     a, b, s = a[keep], found[keep], scores[keep]
     if not cross:
         a, b = np.minimum(a, b), np.maximum(a, b)
@@ -173,7 +199,9 @@ def dedup(index, vectors, keys, threshold: float = 0.95, k: int = 10, cross: boo
 
 
 def save(index, path: str) -> None:
-    """Write INDEX to PATH (faiss's own format; wrap in the store's atomic_write for all-or-nothing)."""
+    """Write INDEX to PATH (faiss's own format). The store commits it through ``store.image_index.commit``
+    (atomic, sha256 recorded) and reads it back through ``image_index.load``, which checks the file and then
+    calls ``load`` below: the one place index files are read."""
     import faiss
 
     faiss.write_index(index, path)

@@ -118,7 +118,9 @@ class Reads:
         for name, info in sorted(self.manifest.splits.items()):
             shards = [r for r in info.shards.values() if r.committed]
             splits[name] = {"rows": sum(r.rows for r in shards), "failed": len(info.failed),
-                            "shards": len(shards), "source": info.source, "index": _index_summary(info, shards)}
+                            "shards": len(shards), "source": info.source}
+            if info.index:  # the split's image index (featstore index)
+                splits[name]["index"] = _index_summary(info.index, splits[name]["rows"])
         labels = self.manifest.labels
         return {
             "store": self.root,
@@ -147,14 +149,11 @@ class Reads:
                 os.path.join(folder, labels.classes_file if labels and labels.classes_file else "classes.parquet"))
 
 
-def _index_summary(info, shards: list) -> dict[str, Any] | None:
-    """The split's image index as ``info`` shows it; ``current`` when it holds as many rows as the split."""
-    index = info.index
-    if index is None:
-        return None
+def _index_summary(index, rows: int) -> dict[str, Any]:
+    """A split's image index as ``info`` shows it; ``current`` when it holds as many rows as the split (ROWS)."""
     return {"kind": index.kind, "rows": index.rows, "recall_at_10": index.recall_at_10, "bytes": index.bytes,
-            "current": index.rows == sum(r.rows for r in shards), "params": index.params,
-            "built_at": index.built_at, "updated_at": index.updated_at}
+            "current": index.rows == rows, "params": index.params, "built_at": index.built_at,
+            "updated_at": index.updated_at}
 
 
 def _keys(column: pa.ChunkedArray, path: str) -> np.ndarray:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featstore.errors import FeatstoreError
-from featstore.store import exchange
+from featstore.store import exchange, image_index
 from featstore.store.files import atomic_write, sha256_file
 from featstore.store.manifest import Shard
 from featstore.store.schema import SHARD_PATTERN
@@ -84,6 +84,8 @@ def reconcile(store: "Store", split: str) -> list[str]:
         if os.path.islink(path):
             raise FeatstoreError(f"{path} is a symbolic link, which featstore does not write through: move "
                                  "the folder it names into the store")
+    if info.index:
+        image_index.folder(store)  # a symlink there is refused now, before any shard is written
     notes: list[str] = []
     if info.exchange and exchange.exchanged(store, split, info.exchange):
         exchange.finish(store, split)  # the folder was swapped: record its shards
@@ -121,6 +123,7 @@ def reconcile(store: "Store", split: str) -> list[str]:
     store.save()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(folder, DAMAGED_NOTE))
+    image_index.remove_unnamed(store)  # index files a killed commit left (image_index.py)
     return notes
 
 
@@ -142,7 +145,26 @@ def verify(store: "Store") -> list[dict[str, str]]:
             if stray(name, recorded):
                 problems.append({"split": split, "file": f"images/{folder}/{name}", "problem": "not in the manifest"})
     _note_damaged(store, problems)
-    return problems + _verify_labels(store)
+    return problems + _verify_labels(store) + _verify_image_indexes(store)
+
+
+def _verify_image_indexes(store: "Store") -> list[dict[str, str]]:
+    """Each split's image index file against its recorded sha256, and files in ``image-index/`` that are not
+    featstore's: those it left (``image_index.unnamed``: a killed commit's) are no damage, the next writer
+    removes them."""
+    where = os.path.join(store.root, image_index.FOLDER)
+    if os.path.islink(where) or (os.path.lexists(where) and not os.path.isdir(where)):
+        return [{"split": None, "file": image_index.FOLDER, "problem": "a symbolic link or a file, not a folder"}]
+    problems = []
+    for split, info in sorted(store.manifest.splits.items()):
+        problem = image_index.check(store, info.index) if info.index else None
+        if problem:
+            problems.append({"split": split, "file": f"{image_index.FOLDER}/{info.index.file}", "problem": problem})
+    known = image_index.named(store) | set(image_index.unnamed(store))
+    for name in sorted(os.listdir(where)) if os.path.isdir(where) else []:
+        if name not in known:
+            problems.append({"split": None, "file": f"{image_index.FOLDER}/{name}", "problem": "not in the manifest"})
+    return problems
 
 
 def _verify_labels(store: "Store") -> list[dict[str, str]]:
