@@ -180,8 +180,9 @@ def test_paths_are_joined_to_the_job_folder(tmp_path):
 
 
 def test_shipped_jobs_are_valid_and_the_schema_takes_new_keys(tmp_path, monkeypatch):
-    for name, last in (("demo.toml", ["report"]), ("nightly-cifar100.toml", [])):  # the demo ends with a report
-        assert load_job(os.path.join(REPO, "jobs", name))["steps"] == ["encode", "labels", "query", "probe", *last]
+    demo = ["encode", "labels", "index", "dedup", "query", "probe", "report"]  # the demo indexes and ends with a report
+    for name, steps in (("demo.toml", demo), ("nightly-cifar100.toml", ["encode", "labels", "query", "probe"])):
+        assert load_job(os.path.join(REPO, "jobs", name))["steps"] == steps
     for missing, reason in ((tmp_path / "none.toml", "No such file or directory"), (tmp_path, "Is a directory")):
         with pytest.raises(FeatstoreError, match=f"^{missing}: cannot read the job file: {reason}$"):
             load_job(str(missing))

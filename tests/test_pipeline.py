@@ -277,13 +277,18 @@ def test_probe_sweep_and_saved_classifier(tmp_path, dataset, checkpoint):
 def test_demo_job_runs_offline(tmp_path):
     job = tmp_path / "demo.toml"
     text = open(os.path.join(REPO, "jobs", "demo.toml")).read()
-    job.write_text(text.replace('"../data/', f'"{REPO}/data/').replace('"../stores/demo"', '"store"'))
+    job.write_text(text.replace('"../data/', f'"{REPO}/data/').replace('"../stores/demo"', '"store"')
+                   .replace('"../stores/', '"'))  # reports under tmp_path
     result = featstore("run", str(job), "--json", env={"HOME": str(tmp_path)})
     results = json.loads(result.stdout)
     assert "RANDOM WEIGHTS" in result.stderr and "ViT-B-32.pt" in result.stderr
     assert results["encode"]["train"]["rows"] == 64 and results["encode"]["test"]["rows"] == 32
     assert results["query"]["n"] == 32 and 0 <= results["query"]["acc1"] <= 1
     assert results["probe"]["n_test"] == 32 and results["probe"]["acc1"] > 0.5
+    assert results["index"]["rows"] == 64 and results["index"]["kind"] == "Flat"  # the train split's image index
+    leaks = pq.read_table(tmp_path / "reports/demo/leaks.parquet")  # test rows near train rows
+    assert leaks.num_rows == results["dedup"]["pairs"] and leaks.column_names == ["id_a", "id_b", "score"]
+    assert (tmp_path / "reports/demo/index.html").is_file()
 
 
 def test_manifest_ids_are_paths_relative_to_the_manifest(tmp_path):
