@@ -8,6 +8,8 @@ Makes N and SMALL 32x32 PNGs (encode_bench's images), then times, in fresh proce
 starts its own local instance, as a laptop or a CI run does). Each engine's time is fitted as
 ``fixed + per_image x images`` from its fastest round at each size: fixed is start-up (imports, Ray's start,
 model loads), per_image the cost of each image once running. The goal is a per-image overhead of at most 10 %.
+Each round's line gives the 1-minute load average after it: other work on the machine slows both engines, the
+local one most (its decoders wait for the model's pauses), so compare figures taken at the same load.
 """
 
 import argparse
@@ -50,7 +52,8 @@ def main() -> None:
                     seconds = run(os.path.join(root, f"images{n}"), os.path.join(root, f"store-{engine}-{n}-{round_}"),
                                   engine, args.model)
                     best[engine, n] = min(best.get((engine, n), seconds), seconds)
-                    print(f"round {round_ + 1}: {engine:5s} {n:5d} images {seconds:7.2f} s", flush=True)
+                    print(f"round {round_ + 1}: {engine:5s} {n:5d} images {seconds:7.2f} s (load average "
+                          f"{os.getloadavg()[0]:.2f})", flush=True)
     fits = {}
     for engine in ("local", "ray"):
         per_image = (best[engine, args.n] - best[engine, args.small]) / (args.n - args.small)

@@ -175,6 +175,23 @@ def test_killed_actor_and_decoder_are_retried_and_every_row_is_written_once(clus
     assert_same_rows(store, reference)
 
 
+def test_a_batch_of_only_bad_files_is_recorded_beside_good_batches(cluster, tmp_path, folder):
+    """Every file of the second batch is broken (its pixels column is then a blank image's zeros)."""
+    (tmp_path / "m").mkdir()
+    with open(tmp_path / "m" / "m.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for n in range(4):
+            (tmp_path / "m" / f"a{n}.png").write_bytes(b"not a png")
+            writer.writerow([str(tmp_path / "m" / f"a{n}.png"), "circle"])
+        good = sorted(os.path.join(folder, "square", name) for name in os.listdir(os.path.join(folder, "square")))
+        writer.writerows([(path, "square") for path in good])  # absolute: their ids sort first, a full batch
+    store = str(tmp_path / "store")
+    result = encode(f"manifest:{tmp_path / 'm' / 'm.csv'}", store, "train", **RAY)
+    assert (result["rows"], result["failed"]) == (4, 4)
+    assert sorted(rows(store)) == good
+
+
 def test_a_file_that_kills_its_decoder_is_a_recorded_failure(cluster, tmp_path, folder, reference):
     poison = os.path.join(cluster[1], "poison")
     with open(os.path.join(folder, "square", "img_002.png"), "rb") as f, open(poison, "wb") as out:
@@ -240,7 +257,9 @@ def test_bad_ray_options_fail_in_one_line_with_nothing_written(tmp_path, folder)
 def test_a_worker_that_cannot_write_the_store_folder_stops_the_run_in_one_line(tmp_path, folder):
     """Decode tasks return the reason (Ray passes on only the text of a task's exception), the driver raises it."""
     (tmp_path / "file").write_text("")
-    decoded = ray_runner._decode({"id": np.arange(3)}, None, [], None, str(tmp_path / "file" / "split=train"), "run")
+    decoded = ray_runner._decode({"id": np.array([0])}, source=None, items=[None] * 3, batch_size=3,
+                                 preprocess=lambda image: np.zeros(1), folder=str(tmp_path / "file" / "split=train"),
+                                 run="run")
     [why] = set(decoded["fatal"])
     assert why.startswith("a Ray worker on ") and "cannot write the store folder" in why
     assert "shared, writable filesystem" in why and "\n" not in why

@@ -1,10 +1,15 @@
 """The Ray runner: the same items in and the same writer out as the local runner, with the work on a Ray cluster.
 
-Ray Data's batch-inference pattern: a dataset of the plan's item numbers, decoded and preprocessed by CPU tasks
-(``map_batches`` with a function), embedded by an actor pool holding one model replica per GPU (or per
-``actors`` on CPU), streamed back to the driver in item order (``preserve_order``). The driver's ShardWriter
-alone commits shards, in the store's atomic way, and writes each item number once: a retried or duplicated
-task can never add a row twice, and a killed driver leaves committed shards that a rerun keeps.
+Ray Data's batch-inference pattern: a dataset of batch numbers (whole batches of the plan's items, so every
+forward gets a full batch), decoded and preprocessed by CPU tasks (``map_batches`` with a function) into one
+float32 tensor column, embedded by an actor pool holding one model replica per GPU (or per ``actors`` on CPU),
+streamed back to the driver in item order (``preserve_order``). The driver's ShardWriter alone commits shards,
+in the store's atomic way, and writes each item number once: a retried or duplicated task can never add a row
+twice, and a killed driver leaves committed shards that a rerun keeps.
+
+CPU priorities, for a model on the CPU cores that decoding and Ray itself also use: a local instance runs its
+workers at the driver's priority (Ray's default, nice 15, lets every other process preempt the model's threads),
+and decode tasks decode in a thread of lower priority (nice +10), so that they fill the model's pauses.
 
 Decode tasks read the plan's spill file and keep a small journal in the split's folder, so every node must see
 the store on a shared filesystem. The journal finds a file that kills its decoder (a segfault, an OOM kill):
@@ -15,6 +20,7 @@ that died is recorded as a failure instead of being read again. Killed workers a
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -32,7 +38,8 @@ import numpy as np
 from featstore.errors import FeatstoreError
 
 DECODE_RETRIES = 8  # deaths per decode batch (files that kill their decoder, lost nodes) before the run fails
-MAX_BLOCKS = 10_000  # Ray Data blocks of item numbers: tasks to schedule, each decoding its block a batch at a time
+MAX_BLOCKS = 10_000  # Ray Data blocks of batch numbers: tasks to schedule, each decoding its block a batch at a time
+DECODE_NICE = 10  # decode threads' nice value above the model's: a tenth of a core's share beside a busy thread
 
 
 @dataclass
@@ -92,7 +99,8 @@ def start(options: RayOptions) -> None:
         with _stderr_to_devnull():
             if options.address:
                 ray.init(address=options.address, **quiet)
-            else:
+            else:  # workers at the driver's priority (Ray's default, nice 15, lets any other process preempt the model)
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(address="local", include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray instance"
@@ -139,16 +147,37 @@ def load(spec: str, device: str, precision: str | None, options: RayOptions) -> 
     return RemoteModel(spec, *result), actors, gpus
 
 
-def _decode(batch: dict, source, items, preprocess, folder: str, run: str) -> dict:
-    """Read, hash and preprocess a batch of the plan's items (a Ray task); a bad file becomes a failure.
+_decoder: concurrent.futures.ThreadPoolExecutor | None = None  # this worker process's decode thread
+
+
+def _decode(batch: dict, **batch_args) -> dict:
+    """Decode one batch in this worker process's decode thread, whose OS priority is below the model's.
+
+    On a node whose cores the model's threads use, a decode task preempting one of them stalls the whole
+    forward (torch's parallel kernels wait at barriers for the descheduled thread); at a lower priority
+    decoding runs in the model's pauses and on idle cores. The priority is lowered for that thread only:
+    Ray may later run an actor in this process."""
+    global _decoder
+    if _decoder is None:
+        _decoder = concurrent.futures.ThreadPoolExecutor(1, "featstore-decode", initializer=_lower_priority)
+    return _decoder.submit(_decode_batch, int(batch["id"][0]), **batch_args).result()
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(DECODE_NICE)  # Linux: this thread's nice value (and its children's), not the process's
+
+
+def _decode_batch(number: int, source, items, preprocess, batch_size: int, folder: str, run: str) -> dict:
+    """Read, hash and preprocess batch NUMBER of the plan's items; a bad file becomes a failure (zero pixels).
 
     A worker that cannot write the store folder returns the reason in column ``fatal``: Ray passes on only the
     text of an exception raised in a task, and the driver must stop the run with that one line."""
     from featstore.encode.reader import ItemDataset
 
-    numbers = batch["id"].tolist()
+    numbers = list(range(number * batch_size, min((number + 1) * batch_size, len(items))))
     journal = os.path.join(folder, f".ray-{run}-{numbers[0]}.tmp")
-    pixels, shapes, shas, failures, fatal = [], [], [], [], ""
+    tensors, shas, failures, fatal = [], [], [], ""
     try:
         with open(journal, "a+", encoding="ascii") as f:
             f.seek(0)
@@ -176,14 +205,25 @@ def _decode(batch: dict, source, items, preprocess, folder: str, run: str) -> di
                     log.flush()
                 row = reader[number][1:]
             tensor, sha, why = row
-            pixels.append(b"" if tensor is None else tensor.numpy().astype(np.float32).tobytes())
-            shapes.append((0, 0, 0) if tensor is None else tuple(tensor.shape))
+            tensors.append(tensor)
             shas.append(sha or "")
             failures.append(why or "")
     if not fatal:
         os.unlink(journal)
-    return {"index": np.array(numbers, np.int64), "pixels": pixels, "shape": np.array(shapes, np.int64),
-            "sha": shas, "failure": failures, "fatal": [fatal] * len(numbers)}
+    return {"index": np.array(numbers, np.int64), "pixels": _stack(tensors, preprocess), "sha": shas,
+            "failure": failures, "fatal": [fatal] * len(numbers)}
+
+
+def _stack(tensors: list, preprocess) -> np.ndarray:
+    """The batch's pixels as one float32 array (a tensor column: one copy into the object store, none out of
+    it); a failed item's are zeros, shaped as the others (as a blank image's when all failed)."""
+    from PIL import Image
+
+    shape = next((t.shape for t in tensors if t is not None), None)
+    if shape is None:
+        shape = preprocess(Image.new("RGB", (256, 256))).shape
+    return np.stack([np.zeros(shape, np.float32) if t is None else t.numpy() for t in tensors]).astype(np.float32,
+                                                                                                      copy=False)
 
 
 class _Embed:
@@ -194,12 +234,14 @@ class _Embed:
     def __init__(self, model: RemoteModel, threads: int | None):
         import torch
 
+        from featstore.encode.runner import TRIM_EVERY, _steady_heap
         from featstore.identity import describe, same_model
         from featstore.models import load_model
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
+        self.trim_heap, self.trim_every, self.untrimmed = _steady_heap(), TRIM_EVERY, 0  # as the local runner
         self.model = load_model(model.spec, str(model.device), model.precision)
         self.fatal = "" if same_model(self.model.identity, model.identity) else (
             f"a Ray actor on {socket.gethostname()} loaded {describe(self.model.identity)}, not "
@@ -210,8 +252,15 @@ class _Embed:
         ok = np.flatnonzero(batch["failure"] == "") if not any(fatal) else []
         embeddings = np.zeros((len(batch["index"]), self.model.dim), np.float32)
         if len(ok):
-            pixels = np.stack([np.frombuffer(batch["pixels"][i], np.float32).reshape(batch["shape"][i]) for i in ok])
-            embeddings[ok] = self.model.encode_images(self.torch.from_numpy(pixels)).numpy()
+            pixels = batch["pixels"] if len(ok) == len(embeddings) else batch["pixels"][ok]
+            with warnings.catch_warnings():  # read-only pixels (in the object store): the model only reads them
+                warnings.simplefilter("ignore", UserWarning)
+                pixels = self.torch.from_numpy(pixels)
+            embeddings[ok] = self.model.encode_images(pixels).numpy()
+            self.untrimmed += len(ok)
+            if self.untrimmed >= self.trim_every:
+                self.trim_heap()
+                self.untrimmed = 0
         return {"index": batch["index"], "embedding": embeddings, "sha": batch["sha"], "failure": batch["failure"],
                 "fatal": fatal}
 
@@ -231,14 +280,15 @@ def run_ray(model: RemoteModel, source, items, writer, batch_size: int, actors: 
     if not len(items):
         return
     folder = os.path.dirname(items.path)
-    decode = functools.partial(_decode, source=source, items=items, preprocess=model.preprocess, folder=folder,
-                               run=uuid.uuid4().hex[:8])
+    decode = functools.partial(_decode, source=source, items=items, preprocess=model.preprocess,
+                               batch_size=batch_size, folder=folder, run=uuid.uuid4().hex[:8])
     threads = None if gpus_per_actor else max(1, (os.cpu_count() or 1) // actors)
-    blocks = min(MAX_BLOCKS, math.ceil(len(items) / batch_size))
+    batches = math.ceil(len(items) / batch_size)  # rows of batch numbers: every block a whole number of batches
+    blocks = min(MAX_BLOCKS, batches)
     with warnings.catch_warnings():  # max_retries has no named parameter: Ray calls ray_remote_args "deprecated"
         warnings.simplefilter("ignore")
-        dataset = (ray.data.range(len(items), override_num_blocks=blocks)
-                   .map_batches(decode, batch_size=batch_size, num_cpus=cpus_per_decoder, max_retries=DECODE_RETRIES)
+        dataset = (ray.data.range(batches, override_num_blocks=blocks)
+                   .map_batches(decode, batch_size=1, num_cpus=cpus_per_decoder, max_retries=DECODE_RETRIES)
                    .map_batches(_Embed, fn_constructor_args=(model, threads), batch_size=batch_size,
                                 concurrency=actors, num_gpus=gpus_per_actor, num_cpus=1))
     done = 0
