@@ -64,7 +64,7 @@ def child(args) -> dict:
         kind = "auto" if args.variant == "auto" else autofaiss_key(args.rows, args.dim, args.budget)
         index, info = fi.build(stream, args.rows, args.dim, kind=kind, max_memory=args.budget, rerank=rerank)
     out = {"variant": args.variant, "kind": info["kind"], "build_s": time.perf_counter() - start,
-           "bytes": info["bytes"], "params": info.get("params", "")}
+           "bytes": info["bytes"], "params": info.get("params", ""), "held_out": info.get("recall_at_10")}
     start = time.perf_counter()
     _, found = (index.search(queries, 10) if args.variant == "flat" else fi.search(index, queries, 10))
     out.update(qps=len(queries) / (time.perf_counter() - start), recall_at_10=recall(found))
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--variant")
+    parser.add_argument("--variants", default="flat,auto,autofaiss", help="which to build (flat is the reference)")
     parser.add_argument("--budget", type=int)
     parser.add_argument("--vectors")
     parser.add_argument("--queries")
@@ -127,7 +128,7 @@ def main() -> None:
         np.save(paths["queries"], queries)
         np.save(paths["exact"], exact.neighbours())
         rows = []
-        for variant in ("flat", "auto", "autofaiss"):
+        for variant in dict.fromkeys(["flat", *args.variants.split(",")]):
             cmd = [sys.executable, __file__, "--variant", variant, "--rows", str(args.rows), "--dim", str(args.dim),
                    "--threads", str(args.threads), "--budget", str(args.budget)]
             cmd += [f"--{name}={path}" for name, path in paths.items()]
@@ -144,9 +145,12 @@ def main() -> None:
                 f"  bytes {r['bytes'] / 2**20:7.1f} MiB ({r['bytes'] / flat['bytes']:.3f}x)"
                 f"  recall@10 {r['recall_at_10']:.3f}  {r['qps']:8.0f} q/s ({r['qps'] / flat['qps']:.1f}x)")
         if "recall_reranked" in r:
-            line += f"  re-ranked: recall@10 {r['recall_reranked']:.3f} {r['qps_reranked']:.0f} q/s  {r['params']}"
+            line += (f"  re-ranked: recall@10 {r['recall_reranked']:.3f} {r['qps_reranked']:.0f} q/s  {r['params']}"
+                     f" (held-out rows: {r['held_out']:.3f})")
         print(line)
-    auto = rows[1]
+    auto = next((r for r in rows if r["variant"] == "auto"), None)
+    if auto is None:
+        return
     print(f"update touching 1 % of rows: {auto['update_s']:.2f}s = {auto['update_s'] / auto['build_s']:.4f}x "
           f"the full build ({auto['build_s']:.1f}s)")
 

@@ -45,12 +45,13 @@ Batch = tuple[np.ndarray, np.ndarray]
 
 def parse_size(text: str | int | None) -> int | None:
     """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"300000000"`` -> bytes (powers of 1024); None stays None."""
-    if text is None or isinstance(text, int):
+    if text is None or (isinstance(text, int) and text >= 1):
         return text
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if not match or float(match.group(1)) <= 0:
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
+    size = float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ") if match else 0
+    if not 1 <= size < float("inf"):  # under a byte (recorded as 0, which no manifest holds) or overflowing
         raise FeatstoreError(f"not a memory size: {text!r} (say 512M, 2G or a number of bytes)")
-    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
+    return int(size)
 
 
 def nlist_for(rows: int, dim: int, max_memory: int | None = None) -> int:

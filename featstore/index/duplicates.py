@@ -65,6 +65,7 @@ def knn_pairs(store: Store, split: str, index, threshold: float, k: int, against
     from featstore.index import near_pairs
 
     found = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
+    k = min(k, max(index.ntotal, 1))  # a K past the index's rows asks for nothing more (and allocates nothing)
     for keys, vectors in store.key_batches(against or split):
         found.append(near_pairs(index, keys, vectors, threshold, k, cross=against is not None))
     return tuple(np.concatenate(part) for part in zip(*found))
@@ -131,13 +132,20 @@ def _groups(pairs: pa.Table, split: str, against: str | None) -> list[list[tuple
 
 
 def check_out(store: Store, out: str) -> str:
-    """--out as an absolute path, refused inside the store's own folders."""
+    """--out as an absolute path, refused anywhere inside the store (its manifest, lock and folders are its
+    own), also when reached through a symbolic link."""
     out = os.path.abspath(out)
-    for inner in ("images", LABELS, image_index.FOLDER):
-        if (out + os.sep).startswith(os.path.join(store.root, inner) + os.sep):
-            raise FeatstoreError(f"--out {out} is inside the store's {inner}/ folder: choose another path")
+    real = os.path.join(os.path.realpath(os.path.dirname(out)), os.path.basename(out))
+    root = os.path.realpath(store.root)
+    if (real + os.sep).startswith(root + os.sep):
+        inner = os.path.relpath(real, root).split(os.sep)[0]
+        where = f"the store's {inner}/ folder" if inner in ("images", LABELS, image_index.FOLDER) else \
+            f"the store {store.root}"
+        raise FeatstoreError(f"--out {out} is inside {where}: choose another path")
     if os.path.isdir(out):
         raise FeatstoreError(f"--out {out} is a folder: give a file name (FILE.parquet)")
+    if os.path.exists(out) and not os.path.isfile(out):  # the rename would replace it (/dev/null, a FIFO)
+        raise FeatstoreError(f"--out {out} is not a regular file: give a file name (FILE.parquet)")
     return out
 
 

@@ -131,8 +131,11 @@ def nearest_live(store: Store, split: str, queries: np.ndarray, k: int) -> list[
         rows = store.rows_by_key(split, keys[keys >= 0], ["id", "path", "label"])
         where = locate(rows, keys.reshape(-1)).reshape(keys.shape)
         for query, row_scores, row_where in zip(todo, scores, where):
-            found[query] = [_result(rows, int(at), float(score)) for at, score in zip(row_where, row_scores)
-                            if at >= 0][:k]
+            best: dict[int, float] = {}  # each row once (an index holding a key twice is not a well-formed one)
+            for at, score in zip(row_where.tolist(), row_scores.tolist()):
+                if at >= 0:
+                    best.setdefault(at, score)
+            found[query] = [_result(rows, at, score) for at, score in best.items()][:k]
         if scan:
             break
         todo = np.array([q for q in todo if len(found[q]) < min(k, total)], np.int64)

@@ -94,7 +94,7 @@ def refresh(store: Store, split: str, progress: bool = False) -> dict[str, Any] 
 def reranker(store: Store, split: str, kind: str) -> Callable[[np.ndarray], np.ndarray] | None:
     """``keys -> embeddings`` read from the split's shards, for ``images.search`` to re-score a lossy index
     (PQ, SQ) exactly; None for kinds that hold the float32 vectors (Flat, HNSW, IVF..,Flat)."""
-    if re.fullmatch(r"(Flat|HNSW\d+(,Flat)?|.*,Flat)", kind):
+    if re.fullmatch(r"Flat|HNSW\d*(,Flat)?|IVF\d+(_HNSW\d*)?,Flat", kind):  # a transform (PCA, OPQ): rerank
         return None
     return lambda keys: store.embeddings_by_key(split, keys)
 
@@ -105,6 +105,8 @@ def check_kind(kind: str, dim: int) -> None:
 
     if kind in KINDS:
         return
+    if re.search(r"(HNSW|NSG)[01](?!\d)|x0(?!\d)", kind):  # values faiss crashes the process on (abort, SIGFPE)
+        raise FeatstoreError(f"--kind {kind!r}: an HNSW or NSG graph needs M >= 2 links, a PQ at least 1 bit")
     try:
         faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
@@ -146,7 +148,7 @@ def _build(store: Store, split: str, kind: str, budget: int | None, progress: bo
         index, info = build(_Shown(store.key_batches(split), rows, key, progress), rows, dim, key, budget,
                                     rerank=reranker(store, split, key))
     except RuntimeError as e:  # faiss refusing the factory string for these rows (too few to train, ...)
-        why = str(e).strip().splitlines()[-1].rsplit("Error: ", 1)[-1][:200]
+        why = re.split(r"Error: |\.cpp:\d+: ", str(e).strip().splitlines()[-1])[-1][:200]
         raise FeatstoreError(f"faiss could not build {key} over {rows} rows: {why}") from None
     fields = {name: info[name] for name in ("kind", "rows", "recall_at_10", "target", "params", "sized_for",
                                               "trained_on")}

@@ -9,6 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 K = 10
+# The held-out queries are stored rows; a query from outside the split (a text, a new image) found ~0.01 less at
+# the same setting (bench/index_bench.py, 1M rows: 0.942 on fresh queries where held-out rows gave 0.95), so
+# the knob is tuned to the target plus this margin, and judged (``needs_retrain``) against the target itself.
+MARGIN = 0.02
 
 
 class ExactTopK:
@@ -86,8 +90,8 @@ def set_param(index, name: str, value: int) -> None:
 
 def tune(index, queries: np.ndarray, query_keys: np.ndarray, exact: np.ndarray, target: float = 0.95,
          rerank=None) -> str:
-    """Set the smallest nprobe / efSearch whose recall@10 on QUERIES reaches TARGET (the largest tried when
-    none does; ``needs_retrain`` then says so). Binary search: recall grows with the knob. Returns
+    """Set the smallest nprobe / efSearch whose recall@10 on QUERIES reaches TARGET + ``MARGIN`` (the largest
+    tried when none does; ``needs_retrain`` then says so if it misses TARGET). Binary search: recall grows with the knob. Returns
     ``"name=value"``, or ``""`` for an exact index."""
     name, values = _knob(index)
     if not name:
@@ -96,7 +100,7 @@ def tune(index, queries: np.ndarray, query_keys: np.ndarray, exact: np.ndarray, 
     while low < high:
         mid = (low + high) // 2
         set_param(index, name, values[mid])
-        if recall_at(index, queries, query_keys, exact, rerank=rerank) >= target:
+        if recall_at(index, queries, query_keys, exact, rerank=rerank) >= min(target + MARGIN, 1.0):
             high = mid
         else:
             low = mid + 1

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featstore.errors import FeatstoreError
@@ -59,6 +60,7 @@ class Store(Reads):
         self.manifest_path = os.path.join(self.root, MANIFEST)
         self.manifest: Manifest | None = None
         self._hashed: dict[str, tuple[int, int]] = {}  # shard path -> (size, mtime_ns) whose sha256 matched
+        self._keys_checked: set[str] = set()  # splits whose next_key was checked against their shards' keys
         if os.path.isfile(self.manifest_path):
             self.reload()
 
@@ -209,6 +211,9 @@ class Store(Reads):
         if not missing:
             return table
         info = self.split_info(split, create=True)
+        if split not in self._keys_checked and info.shards:  # a counter edited down never gives a stored key again
+            info.next_key = max(info.next_key, self._highest_key(split) + 1)
+            self._keys_checked.add(split)
         if info.next_key + missing > MAX_KEY:
             raise FeatstoreError(f"split {split!r} has used all {MAX_KEY} row keys")
         keys = column.fill_null(0).to_numpy().astype(np.int64)  # a copy, writable
@@ -217,6 +222,23 @@ class Store(Reads):
         info.next_key += missing
         index = table.schema.get_field_index("key")
         return table.set_column(index, table.schema.field(index), pa.array(keys, pa.int64()))
+
+    def _highest_key(self, split: str) -> int:
+        """The highest key the split's shards hold (-1: none), from their footers' statistics (or the column)."""
+        highest = -1
+        for path in self.shard_paths(split):
+            with reading(path):
+                meta = pq.read_metadata(path)
+                if "key" not in meta.schema.to_arrow_schema().names:
+                    continue
+                column = meta.schema.to_arrow_schema().get_field_index("key")
+                stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+                if all(s is not None and s.has_min_max for s in stats):
+                    highest = max([highest, *(s.max for s in stats)])
+                else:
+                    keys = read_shard(path, ["key"]).column(0).drop_null()
+                    highest = max(highest, pc.max(keys).as_py() if len(keys) else -1)
+        return highest
 
     def key_all_rows(self, split: str) -> int:
         """Give every row of SPLIT a key (writers only, under the lock): shards written before keys existed are

@@ -70,13 +70,15 @@ def named(store: "Store") -> set[str]:
 
 
 def unnamed(store: "Store") -> list[str]:
-    """Index files and featstore's temp files in the folder that no split's record names."""
+    """Index files and featstore's temp files in the folder that no split's record names (never a folder:
+    featstore writes none there, so one is not its own; ``verify`` lists it)."""
     where = os.path.join(store.root, FOLDER)
     if not os.path.isdir(where) or os.path.islink(where):
         return []
     keep = named(store)
     return sorted(name for name in os.listdir(where) if name not in keep and (
-        IMAGE_INDEX_NAME.fullmatch(name) or (name.startswith(".") and name.endswith(".tmp"))))
+        IMAGE_INDEX_NAME.fullmatch(name) or (name.startswith(".") and name.endswith(".tmp")))
+        and (os.path.islink(os.path.join(where, name)) or not os.path.isdir(os.path.join(where, name))))
 
 
 def remove_unnamed(store: "Store") -> list[str]:
@@ -102,13 +104,28 @@ def load(store: "Store", split: str):
                                  f"--split {split}")
         problem = check(store, record)
         if problem is None:
-            return read_index(path(store, record)), record
+            index = read_index(path(store, record))
+            problem = unfit(index, store.dim)
+            if problem is None:
+                return index, record
         now = manifest.load(store.manifest_path).splits.get(split)
         if not (now and now.index and now.index.file != record.file):
             raise FeatstoreError(f"the image index of split {split!r} ({FOLDER}/{record.file}) is missing or "
                                  f"damaged ({problem}): run featstore index {store.root} --split {split} to "
                                  "rebuild it")
         store.reload()
+
+
+def unfit(index, dim: int) -> str | None:
+    """Why a readable faiss INDEX cannot be a store of DIM's image index (another file put in its place, its
+    sha256 edited into the manifest), or None."""
+    import faiss
+
+    if index.d != dim:
+        return f"dimension {index.d}, not the store's {dim}"
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT or not index.is_trained:
+        return "not a trained inner-product index"
+    return None
 
 
 def check(store: "Store", record: ImageIndex) -> str | None:
