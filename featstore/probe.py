@@ -279,6 +279,11 @@ def probe(store_dir: str, train_split: str, test_split: str, C: float | None = N
     With a sweep, train rows are loaded validation-last so both parts are views, not copies.
     """
     store, train, test, device = open_probe(store_dir, train_split, test_split, C, max_iter, solver, device)
+    if out:  # refused before any work: PATH.npz and PATH.json
+        out = store.check_output(out)
+        base = out[:-4] if out.endswith(".npz") else out
+        for path in (base + ".npz", base + ".json"):
+            store.check_output(path)
     classes, targets = np.unique(train.column("label").to_numpy(), return_inverse=True)
 
     sweep = warm = None

@@ -21,7 +21,7 @@ import numpy as np
 from featstore.errors import FeatstoreError
 from featstore.evaluate.zeroshot import Tally, block_rows, split_blocks, top_k, zeroshot
 from featstore.identity import describe, same_model
-from featstore.store import LABELS, Store, atomic_write
+from featstore.store import REPORTS, Store, atomic_write
 
 BARS_UP_TO = 40  # classes drawn as one bar each; beyond, a sorted accuracy curve
 FULL_MATRIX_UP_TO = 30  # classes whose whole confusion matrix is drawn; beyond, the most confused classes only
@@ -33,10 +33,7 @@ def report(store_dir: str, split: str, probe: str | None = None, fewshot: str | 
     """Write the report of SPLIT into OUT; PROBE is a classifier saved by ``probe --out`` (evaluated on SPLIT),
     FEWSHOT the result of ``probe --shots`` (a dict, or a file holding its ``--json`` output)."""
     store = Store.open(store_dir)
-    out = os.path.abspath(out or os.path.join(store.root, "reports", split))
-    for inner in ("images", LABELS):
-        if (out + os.sep).startswith(os.path.join(store.root, inner) + os.sep):
-            raise FeatstoreError(f"--out {out} is inside the store's {inner}/ folder: choose another folder")
+    out = store.check_output(out or os.path.join(store.root, REPORTS, split), folder=True)
     curve = _load_fewshot(fewshot) if fewshot is not None else None
     classifier = _load_probe(store, probe) if probe else None  # refused before any work
     zero = zeroshot(store_dir, split)

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from featstore.errors import FeatstoreError
 from featstore.index.query import consistent, load_index, locate
-from featstore.store import LABELS, Store, image_index
+from featstore.store import Store
 
 LOSSY_MARGIN = 0.1  # a PQ (or SQ) estimate of a cosine is rarely off by more than this (checked exactly afterwards)
 CHUNK = 1 << 16  # pairs resolved per pass over the shards' key columns
@@ -131,24 +131,6 @@ def _groups(pairs: pa.Table, split: str, against: str | None) -> list[list[tuple
     return [[name[int(node)] for node in group] for group in groups(nodes[:len(key_a)], nodes[len(key_a):])]
 
 
-def check_out(store: Store, out: str) -> str:
-    """--out as an absolute path, refused anywhere inside the store (its manifest, lock and folders are its
-    own), also when reached through a symbolic link."""
-    out = os.path.abspath(out)
-    real = os.path.join(os.path.realpath(os.path.dirname(out)), os.path.basename(out))
-    root = os.path.realpath(store.root)
-    if (real + os.sep).startswith(root + os.sep):
-        inner = os.path.relpath(real, root).split(os.sep)[0]
-        where = f"the store's {inner}/ folder" if inner in ("images", LABELS, image_index.FOLDER) else \
-            f"the store {store.root}"
-        raise FeatstoreError(f"--out {out} is inside {where}: choose another path")
-    if os.path.isdir(out):
-        raise FeatstoreError(f"--out {out} is a folder: give a file name (FILE.parquet)")
-    if os.path.exists(out) and not os.path.isfile(out):  # the rename would replace it (/dev/null, a FIFO)
-        raise FeatstoreError(f"--out {out} is not a regular file: give a file name (FILE.parquet)")
-    return out
-
-
 def dedup_split(store_dir: str, split: str, threshold: float = 0.95, k: int = 10, out: str | None = None,
                 against: str | None = None) -> dict[str, Any]:
     """Near-duplicates in SPLIT (or rows of AGAINST near rows of SPLIT): ``{"pairs", "groups",
@@ -162,7 +144,7 @@ def dedup_split(store_dir: str, split: str, threshold: float = 0.95, k: int = 10
     if against is not None and against == split:
         raise FeatstoreError("--against names the split itself: give another split (dedup within a split "
                              "needs no --against)")
-    out = check_out(Store.open(store_dir), out) if out else None
+    out = Store.open(store_dir).check_output(out) if out else None
 
     def read(store: Store) -> pa.Table:
         if against is not None:

@@ -43,6 +43,7 @@ from featstore.store.shards import (DEFAULT_SHARD_ROWS, DTYPES, DamagedShard, ch
                                         sort_by_id, streaming_reader, write_parquet)
 
 MANIFEST = "featstore.json"
+REPORTS = "reports"  # the one folder of the store that commands' outputs may go to (report's default)
 
 
 def check_split_name(split: str) -> str:
@@ -116,6 +117,26 @@ class Store(Reads):
         """Commit LABELS as the store's label set (its files are written and fsynced already)."""
         self.manifest.labels = labels
         self.save()
+
+    def check_output(self, out: str, folder: bool = False) -> str:
+        """OUT (a command's ``--out``) as an absolute path, refused inside the store except under its
+        ``reports/`` folder (symbolic links on the way resolved), and, for a file, when it is a folder or not a
+        regular file (the rename that writes it would replace /dev/null or a FIFO)."""
+        out = os.path.abspath(out)
+        real = os.path.join(os.path.realpath(os.path.dirname(out)), os.path.basename(out))
+        root = os.path.realpath(self.root)
+        if (real + os.sep).startswith(root + os.sep) and \
+                not (real + os.sep).startswith(os.path.join(root, REPORTS) + os.sep):
+            raise FeatstoreError(f"--out {out} is inside the store {self.root}: choose a path outside it "
+                                 f"(or under its {REPORTS}/ folder)")
+        if folder:
+            if os.path.lexists(out) and not os.path.isdir(out):
+                raise FeatstoreError(f"--out {out} is not a folder")
+        elif os.path.isdir(out):
+            raise FeatstoreError(f"--out {out} is a folder: give a file name")
+        elif os.path.lexists(out) and not os.path.isfile(out):
+            raise FeatstoreError(f"--out {out} is not a regular file: give a file name")
+        return out
 
     # ---- locking --------------------------------------------------------------------------------
     def check_unlocked(self) -> None:
@@ -306,7 +327,7 @@ def _digests(record: Shard | None) -> tuple[str | None, ...]:
     return record.sha256, record.next.sha256 if record.next else None
 
 
-__all__ = ["DEFAULT_SHARD_ROWS", "DTYPES", "LABELS", "MANIFEST", "DamagedShard", "Failure", "LabelIndex", "Manifest",
+__all__ = ["DEFAULT_SHARD_ROWS", "DTYPES", "LABELS", "MANIFEST", "REPORTS", "DamagedShard", "Failure", "LabelIndex", "Manifest",
            "Shard", "Split", "Store", "atomic_write", "check_split_name", "conform", "damaged", "embedding_matrix",
            "id_range", "read_shard", "run_batches", "sha256_file", "shard_schema", "sort_by_id", "streaming_reader",
            "write_parquet"]
