@@ -28,6 +28,7 @@ from featstore.hardware import capability_line  # noqa: E402
 
 def main() -> None:
     from probe_bench import clip_like_features, write_store
+    from zeroshot_bench import load_average
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-train", type=int, default=50_000)
@@ -54,6 +55,7 @@ def main() -> None:
         start = time.perf_counter()
         mine = fewshot(store, "train", "test", shots, seeds=args.seeds, device="cpu")
         mine_s = time.perf_counter() - start
+        mine_load = load_average()
 
     # the store's labels are y_train in id order (ids are the row numbers), so draws index x_train directly
     warnings.simplefilter("ignore")  # 1-shot: sklearn warns that classes outnumber half the rows
@@ -65,9 +67,9 @@ def main() -> None:
             theirs[k].append(float((fitted.predict(x_test) == y_test).mean()))
     sklearn_s = time.perf_counter() - start
     fits = len(shots) * args.seeds
-    print(f"featstore probe --shots   {mine_s:7.1f} s for {fits} fits (reading the shards included)")
+    print(f"featstore probe --shots   {mine_s:7.1f} s for {fits} fits (reading the shards included; {mine_load})")
     print(f"sklearn LogisticRegression {sklearn_s:6.1f} s for the same {fits} fits -> featstore {sklearn_s / mine_s:.2f}x "
-          "faster")
+          f"faster ({load_average()})")
     for entry in mine["fewshot"]:
         k = entry["shots"]
         print(f"  {k:3d}-shot: featstore {100 * entry['acc1_mean']:.2f}% (sd {100 * entry['acc1_std']:.2f}), "

@@ -209,7 +209,7 @@ def test_fewshot_probe_cli_and_fits_on_the_drawn_rows(evaluated):
     (("probe", "{store}", "--train-split", "train", "--test-split", "test", "--shots", "0,x"), "--shots must be"),
     (("probe", "{store}", "--train-split", "train", "--test-split", "test", "--shots", "1", "--out", "p"), "--out"),
     (("report", "{store}", "--split", "test", "--probe", "/nonexistent/probe"), "cannot read probe"),
-    (("report", "{store}", "--split", "test", "--out", "{store}/images/r"), "inside the store's images/"),
+    (("report", "{store}", "--split", "test", "--out", "{store}/images/r"), "/images/r is inside the store "),
 ])
 def test_bad_evaluation_input_is_one_line(evaluated, args, message):
     before = tree_digest(evaluated)

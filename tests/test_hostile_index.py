@@ -234,14 +234,15 @@ def test_a_next_key_edited_down_never_gives_a_key_twice(copy):
     assert len(keys) == len(set(keys)) == ROWS + 2
 
 
-@pytest.mark.parametrize("command", ["dedup", "probe", "report"])
+@pytest.mark.parametrize("command", ["dedup", "probe", "report", "query"])
 def test_outputs_never_land_in_the_store_outside_its_reports_folder(copy, command):
-    """Every --out (dedup's Parquet, probe's npz + json, report's folder) is refused inside the store, where
+    """Every --out (dedup's and query's Parquet, probe's npz + json, report's folder) is refused inside the store, where
     it could replace the manifest or a shard, except under STORE/reports/ (report's default)."""
     _, store = copy
     before = snapshot(store)
     args = {"dedup": ["dedup", store, "--split", "train"], "report": ["report", store, "--split", "train"],
-            "probe": ["probe", store, "--train-split", "train", "--test-split", "train", "--C", "1"]}[command]
+            "probe": ["probe", store, "--train-split", "train", "--test-split", "train", "--C", "1"],
+            "query": ["query", store, "--split", "train"]}[command]
     target = os.path.join(store, "featstore") if command == "probe" else os.path.join(store, "featstore.json")
     for out in (target, os.path.join(store, "images", "x")):
         refused(cli(*args, "--out", out), f"--out {out} is inside the store")

@@ -275,7 +275,7 @@ def test_search_never_returns_a_row_the_split_no_longer_holds(tmp_path):
     (("dedup", "{store}", "--split", "train", "--threshold", "-1.01"), "--threshold is a cosine, in [-1, 1]"),
     (("dedup", "{store}", "--split", "train", "--k", "0"), "--k must be at least 1"),
     (("dedup", "{store}", "--split", "train", "--against", "nope"), "has no split 'nope'"),
-    (("dedup", "{store}", "--split", "train", "--out", "{store}/images/pairs.parquet"), "inside the store's images/"),
+    (("dedup", "{store}", "--split", "train", "--out", "{store}/images/pairs.parquet"), "/images/pairs.parquet is inside the store "),
 ])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(made, args, needle):
     root, store = made
