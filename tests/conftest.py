@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import warnings
@@ -117,3 +118,12 @@ def uninterrupted(tmp_path_factory, slow_source) -> str:
     featstore("encode", slow_source, "--store", store, "--split", "train", "--model", SLOW_MODEL,
               "--batch-size", "4", "--shard-rows", "8", "--quiet")
     return store
+
+
+@pytest.fixture
+def copy(base, tmp_path):
+    """A copy of the requesting module's ``base`` fixture (a folder with ``src`` and ``store``), per test:
+    (source folder, store folder)."""
+    shutil.copytree(base / "src", tmp_path / "src")
+    shutil.copytree(base / "store", tmp_path / "store")
+    return str(tmp_path / "src"), str(tmp_path / "store")

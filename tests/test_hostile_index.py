@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -40,13 +39,6 @@ def base(tmp_path_factory):
     encode(str(root / "src"), str(root / "store"), "train", **OPTIONS)
     build_index(str(root / "store"), "train", kind="flat", progress=False)
     return root
-
-
-@pytest.fixture
-def copy(base, tmp_path):
-    shutil.copytree(base / "src", tmp_path / "src")
-    shutil.copytree(base / "store", tmp_path / "store")
-    return str(tmp_path / "src"), str(tmp_path / "store")
 
 
 def cli(*args: str):

@@ -36,11 +36,6 @@ def base(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def copy(base, tmp_path):
-    shutil.copytree(base / "src", tmp_path / "src")
-    shutil.copytree(base / "store", tmp_path / "store")
-    return str(tmp_path / "src"), str(tmp_path / "store")
 
 
 def keys_by_id(store: str) -> dict[str, int]:
