@@ -123,6 +123,16 @@ def _steps(value: list[str]) -> str | None:
     return None if value else "must name at least one step"
 
 
+def _size(value: str) -> str | None:
+    from featstore.index.build import parse_size
+
+    try:
+        parse_size(value)
+    except FeatstoreError as e:
+        return f"is {str(e)[0].lower()}{str(e)[1:]}"
+    return None
+
+
 def _shots(value: list[int]) -> str | None:
     return None if value and min(value) >= 1 else "must list at least one shot count, each at least 1"
 
@@ -136,7 +146,7 @@ PROBE = {"train_split": Key("string", True), "test_split": Key("string", True), 
          "shots": Key("integers", check=_shots), "seeds": Key("integer", check=at_least(1))}  # probe --shots/--seeds
 REPORT = {"split": Key("string", True), "out": Key("string")}  # featstore report --split/--out
 # featstore index: built when the split has none (encode keeps it current after that) or its kind/budget changed
-INDEX = {"split": Key("string", True), "kind": Key("string"), "max_memory": Key("string")}
+INDEX = {"split": Key("string", True), "kind": Key("string"), "max_memory": Key("string", check=_size)}
 DEDUP = {"split": Key("string", True), "threshold": Key("number", check=lambda v: None if -1 <= v <= 1 else "must be in [-1, 1]"),
          "k": Key("integer", check=at_least(1)), "out": Key("string"), "against": Key("string")}  # featstore dedup
 JOB = {

@@ -61,6 +61,8 @@ BAD_JOBS = {
                                    "steps include 'encode' but the job has no [[split]]"),
     "index step without [index]": (HEAD + 'steps = ["encode", "index"]\n' + SPLITS,
                                    "steps include 'index' but the job has no [index]"),
+    "index max_memory": (HEAD + SPLITS + '[index]\nsplit = "train"\nmax_memory = "lots"\n',
+                         "[index].max_memory is not a memory size: 'lots' (say 512M, 2G or a number of bytes)"),
     "dedup threshold": (HEAD + SPLITS + '[dedup]\nsplit = "train"\nthreshold = 2\n', "[dedup].threshold must be in [-1, 1]"),
     "dedup against unknown": (HEAD + SPLITS + '[dedup]\nsplit = "train"\nagainst = "tset"\n',
                               "[dedup].against names split 'tset', which no [[split]] encodes"),

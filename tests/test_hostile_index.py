@@ -242,3 +242,40 @@ def test_outputs_never_land_in_the_store_outside_its_reports_folder(copy, comman
     if command == "dedup":  # STORE/reports/ (report's default folder) is allowed
         os.makedirs(os.path.join(store, "reports"))
         assert cli(*args, "--out", os.path.join(store, "reports", "pairs.parquet")).exit_code == 0
+
+
+def test_info_says_behind_when_a_changed_file_left_the_index_at_the_same_row_count(copy, monkeypatch):
+    """A kill after encode committed a changed file's new row but before the index update leaves as many rows
+    as the index holds, under a new key: info must say behind, and the next encode brings it current."""
+    import featstore.encode as encoding
+
+    src, store = copy
+    field_image(900).save(os.path.join(src, "a", "img_00.png"))  # new bytes: a new row under a new key
+    monkeypatch.setattr(encoding, "refresh_index", lambda *args, **kwargs: None)  # as if killed before it
+    encode(src, store, "train", **OPTIONS)
+    assert Store.open(store).summary()["splits"]["train"]["index"]["current"] is False
+    monkeypatch.undo()
+    assert encode(src, store, "train", **OPTIONS)["index"]["added"] == 1
+    opened = Store.open(store)
+    assert opened.summary()["splits"]["train"]["index"]["current"] is True
+    assert list(held_keys(image_index.load(opened, "train")[0])) == list(opened.live_keys("train"))
+
+
+def test_an_index_kind_that_cannot_remove_rows_is_rebuilt_by_encode(copy):
+    src, store = copy
+    build_index(store, "train", kind="PCA8,HNSW16", progress=False)
+    os.unlink(os.path.join(src, "a", "img_00.png"))
+    result = encode(src, store, "train", **OPTIONS)
+    assert result["index"]["retrained"] and "cannot remove rows" in result["index"]["retrained"]
+    opened = Store.open(store)
+    assert list(held_keys(image_index.load(opened, "train")[0])) == list(opened.live_keys("train"))
+
+
+def test_an_out_folder_linked_into_the_store_is_refused(copy, tmp_path):
+    _, store = copy
+    link = tmp_path / "reports-link"
+    os.symlink(os.path.join(store, "images", "split=train"), link)
+    before = snapshot(store)
+    refused(cli("dedup", store, "--split", "train", "--out", str(link / "pairs.parquet")), "is inside the store")
+    refused(cli("report", store, "--split", "train", "--out", str(link)), "is inside the store")
+    assert snapshot(store) == before

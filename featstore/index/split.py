@@ -25,6 +25,7 @@ from featstore.index.build import KINDS, build, choose_kind, index_bytes, nlist_
 from featstore.index import images
 from featstore.store import Store, check_split_name, image_index
 from featstore.store.manifest import ImageIndex
+from featstore.store.read import index_current
 
 PROBE_MIN = 100  # new rows needed before they are used as a recall probe (fewer: too noisy to retrain on)
 KIND_HELP = "auto, flat, hnsw, ivf-flat, ivf-pq or a faiss index_factory string"
@@ -60,6 +61,11 @@ def refresh(store: Store, split: str, progress: bool = False) -> dict[str, Any] 
     record = store.split_info(split).index
     if record is None:
         return None
+    if index_current(record, _rows(store, split), store.split_info(split).next_key) and record.next_key is not None:
+        damage = image_index.check(store, record)  # nothing changed: only the file is checked
+        if damage is None:
+            return {"kind": record.kind, "rows": record.rows, "added": 0, "removed": 0, "retrained": None}
+        return _rebuild(store, split, record, f"its file {image_index.FOLDER}/{record.file}: {damage}", progress, 0, 0)
     store.key_all_rows(split)  # a no-op once the index was built (it keyed every row)
     live = store.live_keys(split)
     if not len(live):
@@ -76,7 +82,11 @@ def refresh(store: Store, split: str, progress: bool = False) -> dict[str, Any] 
     if not len(removed) and not len(added):
         return {"kind": record.kind, "rows": record.rows, "added": 0, "removed": 0, "retrained": None}
     vectors = store.embeddings_by_key(split, added)
-    images.update(index, add=(added, vectors), remove=removed)
+    try:
+        images.update(index, add=(added, vectors), remove=removed)
+    except RuntimeError as e:  # a factory kind faiss cannot remove rows from (NSG, a transform around HNSW)
+        why = f"its kind {record.kind} cannot remove rows ({str(e).strip().splitlines()[-1][:120]})"
+        return _rebuild(store, split, record, why, progress, len(added), len(removed))
     fields = _fields(record)
     rerank = reranker(store, split, record.kind)
     probe = None

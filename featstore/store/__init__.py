@@ -123,7 +123,7 @@ class Store(Reads):
         ``reports/`` folder (symbolic links on the way resolved), and, for a file, when it is a folder or not a
         regular file (the rename that writes it would replace /dev/null or a FIFO)."""
         out = os.path.abspath(out)
-        real = os.path.join(os.path.realpath(os.path.dirname(out)), os.path.basename(out))
+        real = os.path.realpath(out)  # every link on the way resolved, the last one too
         root = os.path.realpath(self.root)
         if (real + os.sep).startswith(root + os.sep) and \
                 not (real + os.sep).startswith(os.path.join(root, REPORTS) + os.sep):

@@ -51,6 +51,7 @@ def commit(store: "Store", split: str, write: Callable[[str], None], fields: dic
     atomic_write(target, write)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     fields = {"built_at": now} | fields
+    fields = fields | {"next_key": info.next_key}  # it holds the split's live rows as of this counter
     record = ImageIndex(file=name, sha256=sha256_file(target), bytes=os.path.getsize(target), **fields)
     info.index = record
     store.save()

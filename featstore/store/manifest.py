@@ -107,6 +107,7 @@ class ImageIndex:
     updated_at: str | None = None
     max_memory: int | None = None  # the budget it was built under (updates and rebuilds keep to it)
     model: str | None = None  # the store model's spec when it was built
+    next_key: int | None = None  # the split's next_key when the index last held its live rows (None: not known)
 
     def to_json(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.__slots__ if getattr(self, key) is not None}

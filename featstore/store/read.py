@@ -120,7 +120,7 @@ class Reads:
             splits[name] = {"rows": sum(r.rows for r in shards), "failed": len(info.failed),
                             "shards": len(shards), "source": info.source}
             if info.index:  # the split's image index (featstore index)
-                splits[name]["index"] = _index_summary(info.index, splits[name]["rows"])
+                splits[name]["index"] = _index_summary(info.index, splits[name]["rows"], info.next_key)
         labels = self.manifest.labels
         return {
             "store": self.root,
@@ -149,10 +149,16 @@ class Reads:
                 os.path.join(folder, labels.classes_file if labels and labels.classes_file else "classes.parquet"))
 
 
-def _index_summary(index, rows: int) -> dict[str, Any]:
-    """A split's image index as ``info`` shows it; ``current`` when it holds as many rows as the split (ROWS)."""
+def index_current(index, rows: int, next_key: int) -> bool:
+    """Whether image index record INDEX holds the split's live rows: as many as the split (ROWS), made current
+    when the split's key counter was NEXT_KEY (a changed file's new row moves it without changing ROWS)."""
+    return index.rows == rows and index.next_key in (None, next_key)
+
+
+def _index_summary(index, rows: int, next_key: int) -> dict[str, Any]:
+    """A split's image index as ``info`` shows it (``current``: see ``index_current``)."""
     return {"kind": index.kind, "rows": index.rows, "recall_at_10": index.recall_at_10, "bytes": index.bytes,
-            "current": index.rows == rows, "params": index.params, "built_at": index.built_at,
+            "current": index_current(index, rows, next_key), "params": index.params, "built_at": index.built_at,
             "updated_at": index.updated_at}
 
 
@@ -173,4 +179,7 @@ class KeyBatches:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for path in self.store.shard_paths(self.split):
             for _, batch in run_batches([path], ["key", "embedding"]):
+                if "key" not in batch.schema.names:  # pyarrow leaves out a column the file lacks
+                    raise FeatstoreError(f"shard {os.path.basename(path)} of split {self.split!r} was written "
+                                         "before row keys: featstore index gives them keys")
                 yield _keys(batch.column("key"), path), embedding_matrix(batch.column("embedding"), self.store.dim)

@@ -184,7 +184,8 @@ IMAGE_INDEX = record({"file": text(IMAGE_INDEX_NAME, "an image index file name (
                       "bytes": COUNT, "kind": STRING, "rows": COUNT, "recall_at_10": number(0, 1),
                       "target": number(0, 1), "params": STRING, "sized_for": COUNT, "trained_on": COUNT,
                       "built_at": STRING},
-                     {"updated_at": STRING, "max_memory": integer(1), "model": STRING})
+                     {"updated_at": STRING, "max_memory": integer(1), "model": STRING,
+                      "next_key": integer(0, MAX_KEY)})
 SPLIT = record({"shards": mapping(SHARD_FILE, SHARD), "failed": mapping(STRING, FAILED)},
                {"source": nullable(STRING), "exchange": EXCHANGE, "next_key": integer(0, MAX_KEY),
                 "index": IMAGE_INDEX})
