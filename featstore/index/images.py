@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import FeatstoreError
 from .build import checked
-from .tune import ExactTopK, recall_at, tune
+from .tune import ExactTopK, recall_at, set_param, tune
 
 TOMBSTONE_SHARE = 0.20  # HNSW: rebuild when this share of its rows are removed
 GROWTH = 2.0            # IVF: retrain when it holds this many times the rows its lists were sized for
@@ -149,12 +149,25 @@ def needs_retrain(index, info: dict, probe=None, rerank=None) -> str | None:
     if dead > TOMBSTONE_SHARE * index.ntotal:
         return f"{dead} of its {index.ntotal} rows are removed ones, over {TOMBSTONE_SHARE:.0%}"
     if probe is not None and info.get("params"):
+        before = info["params"]
         info["params"] = tune(index, *probe, target=info["target"], rerank=rerank)
+        if _knob_value(info["params"]) < _knob_value(before):  # new rows alone never lower what the build chose
+            info["params"] = before
+            set_param(index, *_knob(before))
         info["recall_at_10"] = recall_at(index, *probe, rerank=rerank)
         if info["recall_at_10"] < info["target"]:
             return (f"recall@10 on new rows is {info['recall_at_10']:.3f} at {info['params']}, "
                     f"below the target {info['target']}")
     return None
+
+
+def _knob(params: str) -> tuple[str, int]:
+    name, _, value = params.partition("=")
+    return name, int(value)
+
+
+def _knob_value(params: str) -> int:
+    return _knob(params)[1] if params else 0
 
 
 def near_pairs(index, keys, vectors, threshold: float = 0.95, k: int = 10, cross: bool = False):
