@@ -262,7 +262,7 @@ def test_a_read_only_store_is_read_but_not_written(made, immutable_store):
     writes = [["encode", os.path.join(root, "loose"), "--store", store, "--split", "x", "--model", "random:tiny",
                "--quiet"], ["labels", store], ["compact", store],
               ["probe", store, "--train-split", "train", "--test-split", "train", "--C", "1", "--out",
-               os.path.join(store, "probe")]]
+               os.path.join(store, "reports", "probe")]]  # the one folder of the store outputs may go to
     run = featstore(*writes[0], check=False)  # the real process once, the others in this one
     results = [(run.stderr, run.returncode)] + [(r.stderr, r.exit_code) for r in (cli(*args) for args in writes[1:])]
     for stderr, code in results:
@@ -283,7 +283,7 @@ def test_write_errors_are_one_line(made, monkeypatch, code, words):
         raise OSError(code, os.strerror(code), path)
 
     monkeypatch.setattr(featstore.probe, "atomic_write", fail)
-    out = os.path.join(made["store"], "probe")
+    out = os.path.join(made["store"], "reports", "probe")
     result = cli("probe", made["store"], "--train-split", "train", "--test-split", "train", "--C", "1", "--out", out)
     line = one_line(result.stderr, 2, result.exit_code, words, os.strerror(code))
     assert "FEATSTORE_DEBUG" not in line
