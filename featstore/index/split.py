@@ -61,11 +61,14 @@ def refresh(store: Store, split: str, progress: bool = False) -> dict[str, Any] 
     record = store.split_info(split).index
     if record is None:
         return None
-    if index_current(record, _rows(store, split), store.split_info(split).next_key) and record.next_key is not None:
-        damage = image_index.check(store, record)  # nothing changed: only the file is checked
-        if damage is None:
-            return {"kind": record.kind, "rows": record.rows, "added": 0, "removed": 0, "retrained": None}
-        return _rebuild(store, split, record, f"its file {image_index.FOLDER}/{record.file}: {damage}", progress, 0, 0)
+    unchanged = record.next_key is not None and index_current(record, _rows(store, split),
+                                                              store.split_info(split).next_key)
+    if unchanged:  # nothing changed since it was made current: only its file is checked (``load``)
+        try:
+            image_index.load(store, split)
+        except FeatstoreError:
+            return _rebuild(store, split, record, _damage(store, record), progress, 0, 0)
+        return {"kind": record.kind, "rows": record.rows, "added": 0, "removed": 0, "retrained": None}
     store.key_all_rows(split)  # a no-op once the index was built (it keyed every row)
     live = store.live_keys(split)
     if not len(live):
@@ -75,8 +78,7 @@ def refresh(store: Store, split: str, progress: bool = False) -> dict[str, Any] 
     try:
         index, record = image_index.load(store, split)
     except FeatstoreError:
-        why = f"its file {image_index.FOLDER}/{record.file}: {image_index.check(store, record) or 'unreadable'}"
-        return _rebuild(store, split, record, why, progress, 0, 0)
+        return _rebuild(store, split, record, _damage(store, record), progress, 0, 0)
     held = images.held_keys(index)
     removed, added = np.setdiff1d(held, live, True), np.setdiff1d(live, held, True)
     if not len(removed) and not len(added):
@@ -180,6 +182,11 @@ def _rebuild(store: Store, split: str, record: ImageIndex, reason: str, progress
                                      "the split's shards are committed") from None
     record = _commit(store, split, index, fields)
     return {"kind": record.kind, "rows": record.rows, "added": added, "removed": removed, "retrained": reason}
+
+
+def _damage(store: Store, record: ImageIndex) -> str:
+    """Why RECORD's index file cannot be used, as ``refresh`` says it when it rebuilds."""
+    return f"its file {image_index.FOLDER}/{record.file}: {image_index.check(store, record) or 'unreadable'}"
 
 
 def _rows(store: Store, split: str) -> int:
