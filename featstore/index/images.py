@@ -153,7 +153,7 @@ def needs_retrain(index, info: dict, probe=None, rerank=None) -> str | None:
         info["params"] = tune(index, *probe, target=info["target"], rerank=rerank)
         if _knob_value(info["params"]) < _knob_value(before):  # new rows alone never lower what the build chose
             info["params"] = before
-            set_param(index, *_knob(before))
+            set_param(index, *knob(before))
         info["recall_at_10"] = recall_at(index, *probe, rerank=rerank)
         if info["recall_at_10"] < info["target"]:
             return (f"recall@10 on new rows is {info['recall_at_10']:.3f} at {info['params']}, "
@@ -161,13 +161,14 @@ def needs_retrain(index, info: dict, probe=None, rerank=None) -> str | None:
     return None
 
 
-def _knob(params: str) -> tuple[str, int]:
+def knob(params: str) -> tuple[str, int]:
+    """A recorded search parameter, ``"nprobe=8"``, as ``("nprobe", 8)``."""
     name, _, value = params.partition("=")
     return name, int(value)
 
 
 def _knob_value(params: str) -> int:
-    return _knob(params)[1] if params else 0
+    return knob(params)[1] if params else 0
 
 
 def near_pairs(index, keys, vectors, threshold: float = 0.95, k: int = 10, cross: bool = False):

@@ -49,18 +49,14 @@ def load_index(store: Store, split: str):
     """SPLIT's image index with its tuned search parameter set, its record, and the exact re-scoring a lossy
     kind (PQ, SQ) needs (``featstore.index.search``'s rerank) or None."""
     from featstore.index.split import reranker
+    from featstore.index.images import knob
     from featstore.index.tune import set_param
 
     store.split_info(split)  # an unknown split is named as such
     index, record = image_index.load(store, split)
     if record.params:
-        name, _, value = record.params.partition("=")
-        set_param(index, name, int(value))
+        set_param(index, *knob(record.params))
     return index, record, reranker(store, split, record.kind)
-
-
-def split_rows(store: Store, split: str) -> int:
-    return sum(shard.rows for shard in store.shards(split).values())
 
 
 def rows_by_id(store: Store, split: str, ids: list[str]) -> tuple[list[dict[str, Any]], np.ndarray]:
@@ -120,7 +116,7 @@ def nearest_live(store: Store, split: str, queries: np.ndarray, k: int) -> list[
     from featstore.index import search
 
     index, _, rerank = load_index(store, split)
-    want, total, todo = k, split_rows(store, split), np.arange(len(queries))
+    want, total, todo = k, store.row_count(split), np.arange(len(queries))
     found: list[list[dict[str, Any]]] = [[] for _ in queries]
     while len(todo):
         scan = want > MAX_CANDIDATES or not index.ntotal

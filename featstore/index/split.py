@@ -61,7 +61,7 @@ def refresh(store: Store, split: str, progress: bool = False) -> dict[str, Any] 
     record = store.split_info(split).index
     if record is None:
         return None
-    unchanged = record.next_key is not None and index_current(record, _rows(store, split),
+    unchanged = record.next_key is not None and index_current(record, store.row_count(split),
                                                               store.split_info(split).next_key)
     if unchanged:  # nothing changed since it was made current: only its file is checked (``load``)
         try:
@@ -97,7 +97,7 @@ def refresh(store: Store, split: str, progress: bool = False) -> dict[str, Any] 
     reason = images.needs_retrain(index, fields, probe, rerank)
     if reason:
         return _rebuild(store, split, record, reason, progress, len(added), len(removed))
-    fields |= {"rows": images.live_rows(index), "updated_at": _now()}
+    fields |= {"rows": images.live_rows(index), "updated_at": image_index.now()}
     record = _commit(store, split, index, fields)
     return {"kind": record.kind, "rows": record.rows, "added": int(len(added)), "removed": int(len(removed)),
             "retrained": None}
@@ -142,7 +142,7 @@ def family(kind: str, rows: int, dim: int, budget: int | None) -> str:
 def _choose(store: Store, split: str, kind: str, budget: int | None) -> str:
     """The factory string of a KIND index over the split's rows within BUDGET bytes, or a one-line refusal."""
     check_kind(kind, store.dim)
-    rows, dim = _rows(store, split), store.dim
+    rows, dim = store.row_count(split), store.dim
     if not rows:
         raise FeatstoreError(f"split {split!r} has no rows to index")
     key = choose_kind(rows, dim, budget, kind)
@@ -155,7 +155,7 @@ def _choose(store: Store, split: str, kind: str, budget: int | None) -> str:
 
 def _build(store: Store, split: str, kind: str, budget: int | None, progress: bool):
     """``(index, record fields)`` of a new index of KIND over the split's rows, within BUDGET bytes."""
-    key, rows, dim = _choose(store, split, kind, budget), _rows(store, split), store.dim
+    key, rows, dim = _choose(store, split, kind, budget), store.row_count(split), store.dim
     try:
         index, info = build(_Shown(store.key_batches(split), rows, key, progress), rows, dim, key, budget,
                                     rerank=reranker(store, split, key))
@@ -171,7 +171,7 @@ def _rebuild(store: Store, split: str, record: ImageIndex, reason: str, progress
              removed: int) -> dict[str, Any]:
     """Build SPLIT's index again as RECORD's family within its budget (else as ``auto``), saying why."""
     _say(f"the image index of split {split!r} is rebuilt: {reason}")
-    kinds = dict.fromkeys([family(record.kind, _rows(store, split), store.dim, record.max_memory), "auto"])
+    kinds = dict.fromkeys([family(record.kind, store.row_count(split), store.dim, record.max_memory), "auto"])
     for number, kind in enumerate(kinds, 1):
         try:
             index, fields = _build(store, split, kind, record.max_memory, progress)
@@ -189,10 +189,6 @@ def _damage(store: Store, record: ImageIndex) -> str:
     return f"its file {image_index.FOLDER}/{record.file}: {image_index.check(store, record) or 'unreadable'}"
 
 
-def _rows(store: Store, split: str) -> int:
-    return sum(record.rows for record in store.shards(split).values())
-
-
 def _commit(store: Store, split: str, index, fields: dict[str, Any]) -> ImageIndex:
     return image_index.commit(store, split, lambda tmp: images.save(index, tmp), fields)
 
@@ -200,10 +196,6 @@ def _commit(store: Store, split: str, index, fields: dict[str, Any]) -> ImageInd
 def _fields(record: ImageIndex) -> dict[str, Any]:
     """RECORD's fields that describe the index (not its file), for the next commit."""
     return {name: getattr(record, name) for name in ImageIndex.__slots__ if name not in ("file", "sha256", "bytes")}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _say(line: str) -> None:

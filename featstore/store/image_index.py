@@ -49,14 +49,18 @@ def commit(store: "Store", split: str, write: Callable[[str], None], fields: dic
     name = f"{split}-{uuid.uuid4().hex[:16]}.faiss"
     target = os.path.join(folder(store, create=True), name)
     atomic_write(target, write)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    fields = {"built_at": now} | fields
+    fields = {"built_at": now()} | fields
     fields = fields | {"next_key": info.next_key}  # it holds the split's live rows as of this counter
     record = ImageIndex(file=name, sha256=sha256_file(target), bytes=os.path.getsize(target), **fields)
     info.index = record
     store.save()
     remove_unnamed(store)
     return record
+
+
+def now() -> str:
+    """The time of a commit as records hold it (UTC, ISO 8601 to the second)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def drop(store: "Store", split: str) -> None:

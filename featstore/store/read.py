@@ -66,6 +66,10 @@ class Reads:
         return table.column("id").to_pylist(), embedding_matrix(table.column("embedding"), self.dim), labels
 
     # ---- rows by key (the image index) ---------------------------------------------------------------
+    def row_count(self, split: str) -> int:
+        """The split's rows, from the manifest's shard records."""
+        return sum(record.rows for record in self.shards(split).values())
+
     def key_batches(self, split: str) -> "KeyBatches":
         """The split's (int64 keys, float32 embeddings), a batch at a time, re-read on each iteration."""
         return KeyBatches(self, split)
