@@ -48,10 +48,12 @@ class RandomTextModel:
         return self.rng.normal(size=(len(prompts), self.dim)).astype(np.float32)
 
 
-def synthetic_store(root: str, splits: dict[str, int], classes: int, model: dict, shard_rows: int = 50_000) -> None:
+def synthetic_store(root: str, splits: dict[str, int], classes: int, model: dict, shard_rows: int = 50_000,
+                    vectors=None) -> None:
     """A store at ROOT (model identity MODEL, float16) whose splits hold SPLITS[name] rows of random embeddings with
     random labels among CLASSES classes, written by encode's shard writer WRITE_ROWS at a time, and a label
-    index of random class embeddings (``build_labels`` with the text tower replaced)."""
+    index of random class embeddings (``build_labels`` with the text tower replaced). VECTORS, if given, makes
+    the embeddings: ``vectors(split, start, n)`` -> float32 (n, dim)."""
     import featstore.labels
     from featstore.encode.plan import Plan
     from featstore.encode.writer import ShardWriter
@@ -69,7 +71,8 @@ def synthetic_store(root: str, splits: dict[str, int], classes: int, model: dict
                 n = min(WRITE_ROWS, rows - start)
                 items = [Item(f"{split}/{start + i:08d}", "", f"class {c:05d}", 0, 0)
                          for i, c in enumerate(rng.integers(0, classes, n))]
-                writer.add(items, rng.normal(size=(n, store.dim)).astype(np.float32), [""] * n, [])
+                batch = vectors(split, start, n) if vectors else rng.normal(size=(n, store.dim)).astype(np.float32)
+                writer.add(items, batch, [""] * n, [])
             writer.close()
     loader = featstore.labels.load_recorded_model
     featstore.labels.load_recorded_model = lambda identity, device: RandomTextModel(store.dim)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,37 @@ def test_choose_kind_follows_autofaiss_rules_within_the_budget():
     assert fi.parse_size("2G") == 2 << 30 and fi.parse_size("512MiB") == 512 << 20
     with pytest.raises(FeatstoreError, match="not a memory size"):
         fi.parse_size("lots")
+
+
+def test_the_training_sample_is_uniform_and_its_copies_fit_the_allowance(data, monkeypatch):
+    built = importlib.import_module("featstore.index.build")  # the module (featstore.index.build is its function)
+    stream, vectors = data
+    keys, sample = built._reservoir(stream, 3_000, DIM, seed=1, first=200)
+    assert len(np.unique(keys)) == 3_000 and np.allclose(sample, vectors[keys], atol=1e-6)  # distinct rows, as stored
+    assert abs(keys.mean() / ROWS - 0.5) < 0.05 and abs(keys[:200].mean() / ROWS - 0.5) < 0.1  # spread, held-out too
+    assert np.array_equal(built._reservoir(stream, ROWS + 5, DIM, seed=1)[0].size, ROWS)  # fewer rows: all of them
+
+    trained = []
+    monkeypatch.setattr(built, "TRAIN_ALLOWANCE", 1 << 20)
+    monkeypatch.setattr(built, "new_index", lambda key, dim, make=built.new_index: spy(make(key, dim), trained))
+    rows = 12_000
+    small = [(k[k < rows], v[k < rows]) for k, v in stream if k[0] < rows]
+    _, info = fi.build(small, rows, DIM, kind="OPQ8_96,IVF16,PQ8", queries=100)
+    copies = built.train_copies("OPQ8_96,IVF16,PQ8", DIM)
+    assert copies == 1 + 96 / DIM and trained == [info["trained_on"]]
+    assert 0 < trained[0] * 4 * DIM * copies <= 1 << 20 < (trained[0] + 100) * 4 * DIM * copies
+
+
+def spy(index, trained: list):
+    """INDEX whose ``train`` records how many rows it was given."""
+    train = index.train
+
+    def counted(x):
+        trained.append(len(x))
+        return train(x)
+
+    index.train = counted
+    return index
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat"])

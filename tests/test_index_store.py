@@ -223,6 +223,17 @@ def test_recall_at_10_against_exact_search_on_a_store_split(base, tmp_path):
     assert recall >= 0.95
 
 
+def test_an_index_that_misses_the_recall_target_says_so(base, tmp_path, capsys):
+    store = synthetic_store(tmp_path / "store", base, 2_000)
+
+    result = build_index(store.root, "syn", kind="IVF16,PQ2x4", progress=False)  # 1 byte a row: coarse
+
+    assert result["recall_at_10"] < 0.95 and result["params"] == "nprobe=16"  # the widest search tried
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"featstore: the IVF16,PQ2x4 index of split 'syn' finds recall@10 {result['recall_at_10']:.3f}, "
+                    "under the target 0.95, at its widest search (nprobe=16): a larger --max-memory gives a finer index"]
+
+
 def test_an_ivf_is_retrained_when_the_split_grows_past_its_size_and_an_emptied_split_loses_it(base, tmp_path, capsys):
     store = synthetic_store(tmp_path / "store", base, 2_000)
     build_index(store.root, "syn", kind="ivf-flat", progress=False)

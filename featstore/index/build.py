@@ -32,7 +32,8 @@ ID_BYTES = 8
 PQ_SIZES = (256, 224, 192, 160, 128, 96, 64, 48, 32, 24, 16, 8, 4)
 MIN_PER_LIST = 39          # faiss warns below 39 training rows per centroid
 QUERIES = 1000             # held-out queries measured by tune
-TRAIN_ALLOWANCE = 256 << 20  # the training sample may take this much, or half the budget if more
+TRAIN_ALLOWANCE = 256 << 20  # training (the sample and its copies) may take this much, or half the budget if more
+PQ_COPIES = 2.5  # sample copies an OPQ{m}_{d} training holds at most (d <= 1.5 dim): sizes the lists of a PQ key
 # Each PQ sub-quantizer is a k-means of 256 centroids in 2-4 dimensions, where faiss's k-means is slow (a GEMM
 # of width 2-4): 64 rows a centroid (faiss: 256) and 10 OPQ rotations (faiss: 50) keep training to minutes
 # at a million rows; recall is then reached through nprobe.
@@ -54,22 +55,33 @@ def parse_size(text: str | int | None) -> int | None:
     return int(size)
 
 
-def nlist_for(rows: int, dim: int, max_memory: int | None = None) -> int:
-    """Inverted lists: 4 sqrt(rows) as a power of two, at most what the training sample can fill."""
+def nlist_for(rows: int, dim: int, max_memory: int | None = None, copies: float = 1.0) -> int:
+    """Inverted lists: 4 sqrt(rows) as a power of two, at most what the training sample can fill (the sample of
+    ``train_rows`` for an index whose training holds COPIES of it)."""
     lists = 2 ** round(math.log2(max(4 * math.sqrt(max(rows, 1)), 1)))
-    limit = train_rows(rows, dim, max_memory) // MIN_PER_LIST
+    limit = train_rows(rows, dim, max_memory, copies=copies) // MIN_PER_LIST
     while lists > 1 and lists > limit:
         lists //= 2
     return max(lists, 1)
 
 
-def train_rows(rows: int, dim: int, max_memory: int | None, lists: int | None = None) -> int:
-    """The training sample: up to 100 rows a list (all rows when fewer), in the larger of half the budget and
-    ``TRAIN_ALLOWANCE`` (a fixed cost: the sample is freed before rows are added)."""
+def train_rows(rows: int, dim: int, max_memory: int | None, lists: int | None = None, copies: float = 1.0) -> int:
+    """The training sample: up to 100 rows a list (all rows when fewer), such that COPIES of it (``train_copies``)
+    fit in the larger of half the budget and ``TRAIN_ALLOWANCE``: a fixed cost, whatever the split's size (the
+    sample is freed before rows are added)."""
     want = rows if lists is None else min(rows, max(100 * lists, 256 * 39))
-    if max_memory:
-        want = min(want, max(max_memory // 2, TRAIN_ALLOWANCE) // (4 * dim))
+    allowance = max(max_memory // 2, TRAIN_ALLOWANCE) if max_memory else TRAIN_ALLOWANCE
+    want = min(want, int(allowance // (4 * dim * copies)))
     return max(min(want, rows), 1)
+
+
+def train_copies(key: str, dim: int) -> float:
+    """Copies of the training sample faiss holds while training KEY: the sample, and its transformed copy when
+    KEY starts with a transform (``OPQ{m}_{d}``, ``PCA{d}``, ...: the whole sample goes through it)."""
+    transform = re.match(r"(OPQ\d+(?:_(\d+))?|[A-Z]+?(\d+)?(?:_\d+)?),", key)
+    if not transform or re.match(r"(IVF|HNSW|Flat|PQ|SQ|LSH|NSG|IDMap)", transform.group(1)):
+        return 1.0
+    return 1.0 + int(transform.group(2) or transform.group(3) or dim) / dim
 
 
 def _quantizer(lists: int) -> str:
@@ -98,14 +110,15 @@ def index_bytes(key: str, rows: int, dim: int) -> int:
 def _pq_key(rows: int, dim: int, lists: int, max_memory: int | None) -> str | None:
     """The largest OPQ{m}_{y},IVF..,PQ{m}x8 that fits; without a budget, 1/8 of float32's size."""
     budget = max_memory if max_memory else rows * dim * 4 // 8
-    for m in PQ_SIZES:
-        if m >= dim:
-            continue
-        y = (min(dim // m, 6) + 1) * m if dim % m else dim  # autofaiss: slightly over dim; dim itself when m divides it
-        key = f"OPQ{m}_{y},{_quantizer(lists)},PQ{m}x8"
+    for key in (_opq_key(m, dim, lists) for m in PQ_SIZES if m < dim):
         if index_bytes(key, rows, dim) <= budget:
             return key
     return None
+
+
+def _opq_key(m: int, dim: int, lists: int) -> str:
+    y = (min(dim // m, 6) + 1) * m if dim % m else dim  # autofaiss: slightly over dim; dim itself when m divides it
+    return f"OPQ{m}_{y},{_quantizer(lists)},PQ{m}x8"
 
 
 def choose_kind(rows: int, dim: int, max_memory: int | None = None, kind: str = "auto") -> str:
@@ -114,23 +127,23 @@ def choose_kind(rows: int, dim: int, max_memory: int | None = None, kind: str = 
     KIND narrows the family: ``flat``, ``hnsw``, ``ivf-flat``, ``ivf-pq``; a factory string passes through."""
     if kind not in KINDS:
         return kind
-    lists = nlist_for(rows, dim, max_memory)
     if kind == "flat" or (kind == "auto" and rows < FLAT_ROWS):
         return "Flat"
     if kind in ("hnsw", "auto"):
         links = 32 if not max_memory else int((max_memory / rows - 4 * dim - 4 - ID_BYTES) // 8)
         if kind == "hnsw" or links >= 8:
             return f"HNSW{min(max(links, 8), 32)}"
-    flat_ivf = f"{_quantizer(lists)},Flat"
+    flat_ivf = f"{_quantizer(nlist_for(rows, dim, max_memory))},Flat"
     if kind == "ivf-flat" or (kind == "auto" and rows < IVF_FLAT_ROWS
                               and (not max_memory or index_bytes(flat_ivf, rows, dim) <= max_memory)):
         return flat_ivf
     if rows < PQ_MIN_ROWS:
         raise FeatstoreError(f"a PQ index needs at least {PQ_MIN_ROWS} rows to train on, not {rows}")
+    lists = nlist_for(rows, dim, max_memory, PQ_COPIES)
     key = _pq_key(rows, dim, lists, max_memory)
     if key is None:
         raise FeatstoreError(f"no index of {rows} x {dim} fits in {max_memory} bytes "
-                             f"(the smallest needs {index_bytes(_pq_key(rows, dim, lists, 1 << 62), rows, 4)})")
+                             f"(the smallest needs {index_bytes(_opq_key(min(PQ_SIZES), dim, lists), rows, dim)})")
     return key
 
 
@@ -164,19 +177,44 @@ def checked(keys, vectors, dim: int) -> Batch:
     return keys, vectors
 
 
-def _reservoir(batches: Iterable[Batch], size: int, dim: int, seed: int) -> Batch:
-    """A uniform sample of SIZE rows: those with the smallest random priorities, kept batch by batch."""
+def _reservoir(batches: Iterable[Batch], size: int, dim: int, seed: int, first: int = QUERIES) -> Batch:
+    """A uniform sample of SIZE rows: those with the smallest random priorities. One buffer of SIZE rows is
+    filled, then a batch's rows replace the sample's largest priorities in place, so memory is the sample plus
+    one batch (no concatenated copies). The FIRST rows returned are a uniform draw among them (held out)."""
     rng = np.random.default_rng(seed)
-    keys, vectors, prio = np.empty(0, np.int64), np.empty((0, dim), np.float32), np.empty(0)
+    keys, vectors, prio = np.empty(size, np.int64), np.empty((size, dim), np.float32), np.empty(size)
+    held = 0
     for batch_keys, batch in batches:
         batch_keys, batch = checked(batch_keys, batch, dim)
-        keys, vectors = np.concatenate([keys, batch_keys]), np.concatenate([vectors, batch])
-        prio = np.concatenate([prio, rng.random(len(batch_keys))])
-        if len(keys) > size:
-            keep = np.argpartition(prio, size)[:size]
-            keys, vectors, prio = keys[keep], vectors[keep], prio[keep]
-    order = np.argsort(prio)  # random order: the first rows are the held-out queries
-    return keys[order], vectors[order]
+        batch_prio = rng.random(len(batch_keys))
+        free = min(size - held, len(batch_keys))  # filling: the first rows go to the free slots
+        keys[held:held + free], vectors[held:held + free], prio[held:held + free] = \
+            batch_keys[:free], batch[:free], batch_prio[:free]
+        held += free
+        rest = np.arange(free, len(batch_keys))
+        if len(rest):  # full: the rest replace held rows of larger priority, the largest first
+            worst = np.argpartition(-prio, min(len(rest), size) - 1)[:len(rest)]
+            worst = worst[np.argsort(-prio[worst])]
+            best = rest[np.argsort(batch_prio[rest])][:len(worst)]
+            swap = batch_prio[best] < prio[worst]
+            worst, best = worst[swap], best[swap]
+            keys[worst], vectors[worst], prio[worst] = batch_keys[best], batch[best], batch_prio[best]
+    return _lowest_first(keys[:held], vectors[:held], prio[:held], first)
+
+
+def _lowest_first(keys: np.ndarray, vectors: np.ndarray, prio: np.ndarray, first: int) -> Batch:
+    """KEYS and VECTORS with the FIRST rows of lowest priority moved, in that order, to the front (the held-out
+    queries: a uniform draw), by swapping rows in place: no second copy of the sample."""
+    pick = np.argsort(prio)[:first]
+    leaving = pick[pick >= len(pick)]  # picked rows outside the front swap with unpicked rows inside it
+    entering = np.setdiff1d(np.arange(len(pick)), pick)
+    for array in (keys, vectors):
+        array[leaving], array[entering] = array[entering], array[leaving].copy()
+    moved = pick.copy()
+    moved[pick >= len(pick)] = entering
+    for array in (keys, vectors):
+        array[:len(pick)] = array[moved]
+    return keys, vectors
 
 
 def build(batches: Iterable[Batch], rows: int, dim: int, kind: str = "auto", max_memory: int | None = None,
@@ -196,9 +234,10 @@ def build(batches: Iterable[Batch], rows: int, dim: int, kind: str = "auto", max
     key = choose_kind(rows, dim, max_memory, kind)
     index = new_index(key, dim)
     lists = re.search(r"IVF(\d+)", key)
-    size = sample or train_rows(rows, dim, max_memory, int(lists.group(1)) if lists else None)
+    size = 0 if index.is_trained else sample or train_rows(rows, dim, max_memory, int(lists.group(1)) if lists else None,
+                                                            train_copies(key, dim))
     if not index.is_trained or key != "Flat":  # queries for tune come from the sample too
-        sample_keys, sample_vectors = _reservoir(batches, max(size, min(queries, rows)), dim, seed)
+        sample_keys, sample_vectors = _reservoir(batches, max(size, min(queries, rows)), dim, seed, queries)
         if not index.is_trained:
             index.train(sample_vectors[:size] if len(sample_vectors) > size else sample_vectors)
         held_out = (sample_keys[:queries], sample_vectors[:queries].copy())
@@ -217,5 +256,21 @@ def build(batches: Iterable[Batch], rows: int, dim: int, kind: str = "auto", max
         probe = (exact.queries, exact.query_keys, exact.neighbours())
         info["params"] = tune(index, *probe, target, rerank=rerank)
         info["recall_at_10"] = recall_at(index, *probe, rerank=rerank)
-    info["bytes"] = int(faiss.serialize_index(index).size)
+    info["bytes"] = serialized_bytes(index)
     return index, info
+
+
+def serialized_bytes(index) -> int:
+    """The size of INDEX's file, counted as faiss writes it (``serialize_index`` would hold a copy of it)."""
+    import faiss
+
+    written = [0]
+
+    def count(chunk) -> int:
+        written[0] += len(chunk)
+        return len(chunk)
+
+    writer = faiss.PyCallbackIOWriter(count)
+    faiss.write_index(index, writer)
+    del writer  # flushes its last chunk
+    return written[0]

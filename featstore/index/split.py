@@ -48,6 +48,9 @@ def build_index(store_dir: str, split: str, kind: str = "auto", max_memory: str 
         keyed = store.key_all_rows(split)
         index, fields = _build(store, split, kind, budget, progress)
         record = _commit(store, split, index, fields)
+    if record.recall_at_10 < record.target:
+        _say(f"the {record.kind} index of split {split!r} finds recall@10 {record.recall_at_10:.3f}, under the target "
+             f"{record.target:g}, at its widest search ({record.params}): a larger --max-memory gives a finer index")
     return {"split": split, "kind": record.kind, "rows": record.rows, "bytes": record.bytes,
             "recall_at_10": record.recall_at_10, "params": record.params, "target": record.target,
             "file": f"{image_index.FOLDER}/{record.file}", "keyed": keyed, "repairs": repairs,
