@@ -36,7 +36,7 @@ def store() -> Store:
 
 
 def reader_threads() -> int:
-    return sum(t.name.startswith("featstore-read") for t in threading.enumerate())
+    return sum(t.name.startswith(("featstore-read", "featstore-score")) for t in threading.enumerate())
 
 
 @pytest.fixture
@@ -44,7 +44,22 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(zs, "BLOCK_SCORES", 45 * CLASSES)  # 45-row blocks: shards end mid-block, a short last block
 
 
-def test_scored_blocks_equal_the_dense_softmax(store, small_blocks):
+@pytest.fixture(params=[1, 3], ids=["1 thread", "3 threads"])
+def threads(request):
+    """Torch's thread count while scoring (one scorer per thread), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_scored_blocks_equal_the_dense_softmax(store, small_blocks, threads):
+    import pyarrow as pa
+    import torch
+
+    pool = pa.default_memory_pool().backend_name
     index, _ = load_label_index(store)
     ids, x, labels = store.features("test")
     classes = index.reconstruct_n(0, index.ntotal)
@@ -61,6 +76,7 @@ def test_scored_blocks_equal_the_dense_softmax(store, small_blocks):
     np.testing.assert_array_equal(top, np.argsort(-dense, axis=1, kind="stable")[:, :3])
     np.testing.assert_allclose(np.concatenate([b[3] for b in blocks]), np.take_along_axis(dense, top, axis=1),
                                rtol=1e-4, atol=1e-7)
+    assert torch.get_num_threads() == threads and pa.default_memory_pool().backend_name == pool  # restored
 
 
 def test_a_damaged_shard_is_raised_in_its_turn_and_the_reader_stops(store, small_blocks):
@@ -71,6 +87,7 @@ def test_a_damaged_shard_is_raised_in_its_turn_and_the_reader_stops(store, small
     blocks.close()  # the caller stops early (its --out failed): the read under way ends, nothing more is read
     assert reader_threads() == 0
 
+    all_ids = store.features("test")[0]
     last = store.sorted_runs("test")[-1][-1]
     saved, st = open(last, "rb").read(), os.stat(last)
     chunk = pq.read_metadata(last).row_group(0).column(3)  # the embeddings
@@ -84,7 +101,8 @@ def test_a_damaged_shard_is_raised_in_its_turn_and_the_reader_stops(store, small
         with pytest.raises(FeatstoreError, match="is damaged"):
             for ids, *_ in zs.scored_blocks(store, "test", classes, 3):
                 seen += ids.to_pylist()
-        assert 0 < len(seen) < ROWS and reader_threads() == 0
+        assert seen == all_ids[:ROWS - pq.read_metadata(last).num_rows]  # every row before the damaged shard, in order
+        assert reader_threads() == 0
     finally:
         with open(last, "wb") as f:
             f.write(saved)

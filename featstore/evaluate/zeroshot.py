@@ -3,15 +3,18 @@
 Scores are the seed notebook's probabilities, softmax(100 · cos) over all classes. The split is read in blocks
 of rows; for each block the cosines against every class are one matrix product, of which only the top-k and
 the softmax's normaliser (a logsumexp) are kept, so memory is a block of rows × classes, never the split's.
-``--out`` rows are written as their block is done, in id order. Reading a block from the shards (about half
-the matrix product's time at 1,000 classes) runs in a background thread while the previous block's top-k,
-normaliser and ``--out`` rows take one core, not during the matrix product, which wants both.
+``--out`` rows are written as their block is done, in id order. Blocks are read ahead by one thread and
+scored whole by one thread per core (``scored_blocks``): at 1,000 classes reading a block costs ~0.4x and its
+top-k and normaliser ~0.3x of its matrix product's core time, so on 2 cores ~1.5x the bare products is the floor.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
+import queue
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -27,6 +30,7 @@ from featstore.store import Store, atomic_write, embedding_matrix, run_batches
 LOGIT_SCALE = 100.0  # CLIP's: softmax(100 · cos)
 BLOCK_SCORES = 1 << 22  # rows × classes scored at once: 16 MiB of float32 (a few such buffers are live)
 MAX_BLOCK_ROWS = 4096
+MAX_SCORERS = 8  # scoring threads; past ~5 the one reader (~10 ms a block) is what they wait for
 ARGMAX_PASSES = 16  # top-k by repeated argmax up to this k; a partition beyond
 PAIR_LIMIT = 1 << 18  # distinct (true, predicted) confusion pairs kept; past it only the most frequent stay
 HISTOGRAM_BINS = 50  # of the top-1 probability, over [0, 1]
@@ -129,45 +133,105 @@ def split_blocks(store: Store, split: str, rows: int, matrix: Callable[[pa.Chunk
 
 def stored_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
     """An embedding column as a (rows, dim) matrix of its stored type, read-only, not cast: numpy's float16 to
-    float32 cast took 3.5 ms a 4,096 x 512 block where torch's (``unit_rows``) takes about 0.2."""
+    float32 cast took 3.5 ms a 4,096 x 512 block where torch's (``scored_blocks``'s reader) takes about 0.2."""
     column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
-def unit_rows(stored: np.ndarray, out) -> np.ndarray:
-    """STORED rows as float32 in OUT (a torch tensor of their shape), scaled to unit length there; OUT as numpy."""
+def unit_rows(features):
+    """FEATURES (a float32 torch tensor) scaled to unit rows in place (a zero row stays zero)."""
     import torch
 
-    with warnings.catch_warnings():  # torch warns of read-only Arrow memory, which it only reads here
-        warnings.simplefilter("ignore", UserWarning)
-        out.copy_(torch.from_numpy(stored))
-    return normalise(out.numpy(), out=out.numpy())
+    norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+    return features.div_(norms.masked_fill_(norms == 0, 1))
 
 
 def scored_blocks(store: Store, split: str, classes, k: int) -> Iterator[tuple[pa.Array, np.ndarray, np.ndarray,
                                                                                np.ndarray]]:
-    """(ids, labels, ``rank``'s top-K class ids and probabilities) of SPLIT's blocks, in id order. Each block's
-    float32 rows and logits go into buffers reused by every block; the next block is read in a background thread
-    (pyarrow releases the GIL) started after this block's matrix product, so that it runs beside the one-core
-    work that follows (top-k, normaliser, and the caller's tallies and --out rows) and not beside the product.
-    A read's error (a damaged shard) is raised here, in its turn."""
+    """(ids, labels, ``rank``'s top-K class ids and probabilities) of SPLIT's blocks, in id order.
+
+    One reader thread reads blocks ahead (pyarrow releases the GIL) and casts each into a free float32 buffer
+    of a fixed pool (so Arrow's memory is freed by the thread that took it, and nothing else is allocated per
+    block); one scoring thread per core torch would use (at most ``MAX_SCORERS``) takes whole blocks: unit rows,
+    a matrix product into logits of its own on its share of the cores (one thread on a small machine), the
+    buffer back to the pool, then top-k and normaliser. So every core is busy with some block's work and none
+    waits for another's, where a product spread over all cores left them idle through each block's one-core
+    top-k (1.6x the bare products vs 2.4x, 1,000,000 x 1,000 on 2 cores). Torch's thread count is set for the
+    products meanwhile and restored after. Results are yielded in block order; a read's error (a damaged
+    shard) is raised in its turn; stopping early stops the threads."""
     import torch
 
-    rows = block_rows(len(classes))
-    features, logits = torch.empty(rows, store.dim), classes.new_empty((rows, len(classes)))
+    rows, cores = block_rows(len(classes)), max(torch.get_num_threads(), 1)
+    scorers_n = min(cores, MAX_SCORERS)
     blocks = split_blocks(store, split, rows, stored_matrix)
+    free: queue.Queue = queue.Queue()  # buffers in use: <= scorers_n + 1 scoring, 1 being read
+    for _ in range(scorers_n + 2):
+        free.put(torch.empty(rows, store.dim))
+    stop, logits = threading.Event(), threading.local()
+
+    def read():
+        block = next(blocks, None)
+        if block is None:
+            return None
+        ids, labels, stored = block
+        while not stop.is_set():
+            try:
+                buffer = free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            with warnings.catch_warnings():  # torch warns of read-only Arrow memory, which it only reads here
+                warnings.simplefilter("ignore", UserWarning)
+                buffer[:len(stored)].copy_(torch.from_numpy(stored))
+            return ids, labels, buffer, len(stored)
+        return None
+
+    def score(block):
+        ids, labels, buffer, n = block
+        if not hasattr(logits, "buffer"):
+            logits.buffer = classes.new_empty((rows, len(classes)))
+        torch.matmul(unit_rows(buffer[:n]), classes.T, out=logits.buffer[:n])
+        free.put(buffer)
+        return ids, labels, *softmax_top(logits.buffer[:n].numpy(), k)
+
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="featstore-read")
+    scorers = concurrent.futures.ThreadPoolExecutor(scorers_n, thread_name_prefix="featstore-score")
+    scoring: collections.deque = collections.deque()
+    torch.set_num_threads(max(cores // scorers_n, 1))
+    arrow_pool = pa.default_memory_pool()
+    pa.set_memory_pool(threaded_pool())
     try:
-        pending = reader.submit(next, blocks, None)
-        while (block := pending.result()) is not None:
-            ids, labels, stored = block
-            n = len(stored)
-            unit_rows(stored, features[:n])
-            torch.matmul(features[:n], classes.T, out=logits[:n])
-            pending = reader.submit(next, blocks, None)
-            yield ids, labels, *softmax_top(logits[:n].numpy(), k)
+        pending = reader.submit(read)
+        while pending is not None or scoring:
+            while pending is not None and len(scoring) <= scorers_n:  # every scorer busy, one block more ready
+                if pending.exception() is not None:  # a read's error: raised after the blocks before it
+                    scoring.append(pending)
+                    pending = None
+                elif (block := pending.result()) is None:
+                    pending = None
+                else:
+                    pending = reader.submit(read)
+                    scoring.append(scorers.submit(score, block))
+            if scoring:
+                yield scoring.popleft().result()
     finally:
+        stop.set()
+        for future in scoring:
+            future.cancel()
         reader.shutdown(wait=True, cancel_futures=True)
+        scorers.shutdown(wait=True, cancel_futures=True)
+        blocks.close()
+        torch.set_num_threads(cores)
+        pa.set_memory_pool(arrow_pool)
+
+
+def threaded_pool() -> pa.MemoryPool:
+    """Arrow's memory pool for reading across threads: jemalloc where pyarrow has it. With mimalloc (pyarrow's
+    default) the zero-shot reader and scorers' peak RSS grew with the split (+7-12 % from 100,000 to 1,000,000
+    rows, flat with jemalloc: bench/zeroshot_bench.py)."""
+    try:
+        return pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a pyarrow built without it
+        return pa.default_memory_pool()
 
 
 @dataclass
@@ -282,7 +346,8 @@ def zeroshot(store_dir: str, split: str, top_k: int = 5, out: str | None = None)
                 writer.write_table(out_table(ids, top[:, :k_out], probs[:, :k_out], name_array))
 
     def write(tmp: str) -> None:
-        with pq.ParquetWriter(tmp, OUT_SCHEMA) as writer:
+        with pq.ParquetWriter(tmp, OUT_SCHEMA, use_dictionary=["labels.list.element"]) as writer:  # class names
+            # (ids, class ids, scores: a dictionary would hold nearly every value, only costing time)
             score(writer)
 
     if out:
