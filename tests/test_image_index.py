@@ -61,19 +61,24 @@ def test_choose_kind_follows_autofaiss_rules_within_the_budget():
 
 
 def test_the_training_sample_is_uniform_and_its_copies_fit_the_allowance(data, monkeypatch):
+    import faiss
+
     built = importlib.import_module("featstore.index.build")  # the module (featstore.index.build is its function)
     stream, vectors = data
     keys, sample = built._reservoir(stream, 3_000, DIM, seed=1, first=200)
-    assert len(np.unique(keys)) == 3_000 and np.allclose(sample, vectors[keys], atol=1e-6)  # distinct rows, as stored
-    assert abs(keys.mean() / ROWS - 0.5) < 0.05 and abs(keys[:200].mean() / ROWS - 0.5) < 0.1  # spread, held-out too
-    assert np.array_equal(built._reservoir(stream, ROWS + 5, DIM, seed=1)[0].size, ROWS)  # fewer rows: all of them
+    rng = np.random.default_rng(1)  # the same priorities, a batch at a time: the sample is the 3,000 lowest
+    lowest = np.concatenate([k for k, _ in stream])[np.argsort(np.concatenate([rng.random(len(k)) for k, _ in stream]))]
+    assert np.array_equal(keys[:200], lowest[:200]) and set(keys) == set(lowest[:3_000])  # held out first, in order
+    assert len(np.unique(keys)) == 3_000 and np.allclose(sample, vectors[keys], atol=1e-6)  # each row's own vector
+    assert built._reservoir(stream, ROWS + 5, DIM, seed=1)[0].size == ROWS  # fewer rows than the sample: all of them
 
     trained = []
     monkeypatch.setattr(built, "TRAIN_ALLOWANCE", 1 << 20)
     monkeypatch.setattr(built, "new_index", lambda key, dim, make=built.new_index: spy(make(key, dim), trained))
     rows = 12_000
     small = [(k[k < rows], v[k < rows]) for k, v in stream if k[0] < rows]
-    _, info = fi.build(small, rows, DIM, kind="OPQ8_96,IVF16,PQ8", queries=100)
+    index, info = fi.build(small, rows, DIM, kind="OPQ8_96,IVF16,PQ8", queries=100)
+    assert info["bytes"] == faiss.serialize_index(index).size > 0
     copies = built.train_copies("OPQ8_96,IVF16,PQ8", DIM)
     assert copies == 1 + 96 / DIM and trained == [info["trained_on"]]
     assert 0 < trained[0] * 4 * DIM * copies <= 1 << 20 < (trained[0] + 100) * 4 * DIM * copies

@@ -231,7 +231,7 @@ def test_an_index_that_misses_the_recall_target_says_so(base, tmp_path, capsys):
     assert result["recall_at_10"] < 0.95 and result["params"] == "nprobe=16"  # the widest search tried
     said = capsys.readouterr().err.strip().splitlines()
     assert said == [f"featstore: the IVF16,PQ2x4 index of split 'syn' finds recall@10 {result['recall_at_10']:.3f}, "
-                    "under the target 0.95, at its widest search (nprobe=16): a larger --max-memory gives a finer index"]
+                    "under the target 0.95, at its widest search (nprobe=16): a finer --kind gives better recall"]
 
 
 def test_an_ivf_is_retrained_when_the_split_grows_past_its_size_and_an_emptied_split_loses_it(base, tmp_path, capsys):
@@ -327,3 +327,18 @@ def test_bad_input_is_one_line_and_nothing_is_written(copy, args, message):
     assert message in result.stderr
     assert open(os.path.join(store, "featstore.json"), "rb").read() == manifest
     assert sorted(os.listdir(os.path.join(store, "image-index"))) == files
+
+
+def test_featstore_index_never_loads_torch(copy):
+    """torch is ~0.5 GiB of RSS: building an index (and casting float16 rows) must not import it."""
+    _, store = copy
+    code = ("import sys, numpy as np, pyarrow as pa\n"
+            "from featstore.index.split import build_index\n"
+            "from featstore.store.shards import embedding_matrix\n"
+            "build_index(sys.argv[1], 'train', kind='hnsw', progress=False)\n"
+            "half = np.random.default_rng(0).standard_normal((4096, 512)).astype(np.float16)\n"
+            "rows = embedding_matrix(pa.FixedSizeListArray.from_arrays(pa.array(half.reshape(-1)), 512), 512)\n"
+            "assert np.array_equal(rows, half.astype(np.float32))\n"
+            "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code, store], capture_output=True, text=True, cwd=REPO)
+    assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr[-2000:]

@@ -15,7 +15,6 @@ import concurrent.futures
 import os
 import queue
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -28,7 +27,7 @@ from featstore.errors import FeatstoreError
 from featstore.store import Store, atomic_write, embedding_matrix, run_batches
 
 LOGIT_SCALE = 100.0  # CLIP's: softmax(100 · cos)
-BLOCK_SCORES = 1 << 22  # rows × classes scored at once: 16 MiB of float32 (a few such buffers are live)
+BLOCK_SCORES = 1 << 22  # rows × classes scored at once: 16 MiB of float32 (one such buffer per scorer)
 MAX_BLOCK_ROWS = 4096
 MAX_SCORERS = 8  # scoring threads; past ~5 the one reader (~10 ms a block) is what they wait for
 ARGMAX_PASSES = 16  # top-k by repeated argmax up to this k; a partition beyond
@@ -156,17 +155,19 @@ def scored_blocks(store: Store, split: str, classes, k: int) -> Iterator[tuple[p
     a matrix product into logits of its own on its share of the cores (one thread on a small machine), the
     buffer back to the pool, then top-k and normaliser. So every core is busy with some block's work and none
     waits for another's, where a product spread over all cores left them idle through each block's one-core
-    top-k (1.6x the bare products vs 2.4x, 1,000,000 x 1,000 on 2 cores). Torch's thread count is set for the
-    products meanwhile and restored after. Results are yielded in block order; a read's error (a damaged
+    top-k (1.6x the bare products vs 2.4x, 1,000,000 x 1,000 on 2 cores). Torch's thread count and Arrow's memory
+    pool are set process-wide meanwhile and restored after (two such generators open at once would restore
+    them out of turn; featstore never opens two). Results are yielded in block order; a read's error (a damaged
     shard) is raised in its turn; stopping early stops the threads."""
     import torch
 
     rows, cores = block_rows(len(classes)), max(torch.get_num_threads(), 1)
-    scorers_n = min(cores, MAX_SCORERS)
+    per_scorer = -(-cores // MAX_SCORERS)  # threads a product runs on: 1 up to MAX_SCORERS cores
+    scorers_n = cores // per_scorer
     blocks = split_blocks(store, split, rows, stored_matrix)
     free: queue.Queue = queue.Queue()  # buffers in use: <= scorers_n + 1 scoring, 1 being read
     for _ in range(scorers_n + 2):
-        free.put(torch.empty(rows, store.dim))
+        free.put(classes.new_empty((rows, store.dim)))
     stop, logits = threading.Event(), threading.local()
 
     def read():
@@ -179,9 +180,9 @@ def scored_blocks(store: Store, split: str, classes, k: int) -> Iterator[tuple[p
                 buffer = free.get(timeout=0.1)
             except queue.Empty:
                 continue
-            with warnings.catch_warnings():  # torch warns of read-only Arrow memory, which it only reads here
-                warnings.simplefilter("ignore", UserWarning)
-                buffer[:len(stored)].copy_(torch.from_numpy(stored))
+            # a writable copy first (~0.3 ms): torch warns of read-only Arrow memory, and silencing it
+            # (catch_warnings) would change every thread's warning filters
+            buffer[:len(stored)].copy_(torch.from_numpy(np.require(stored, requirements="W")))
             return ids, labels, buffer, len(stored)
         return None
 
@@ -196,10 +197,10 @@ def scored_blocks(store: Store, split: str, classes, k: int) -> Iterator[tuple[p
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="featstore-read")
     scorers = concurrent.futures.ThreadPoolExecutor(scorers_n, thread_name_prefix="featstore-score")
     scoring: collections.deque = collections.deque()
-    torch.set_num_threads(max(cores // scorers_n, 1))
     arrow_pool = pa.default_memory_pool()
-    pa.set_memory_pool(threaded_pool())
     try:
+        torch.set_num_threads(per_scorer)  # process-wide, as Arrow's pool: restored below
+        pa.set_memory_pool(threaded_pool())
         pending = reader.submit(read)
         while pending is not None or scoring:
             while pending is not None and len(scoring) <= scorers_n:  # every scorer busy, one block more ready

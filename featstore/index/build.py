@@ -33,7 +33,7 @@ PQ_SIZES = (256, 224, 192, 160, 128, 96, 64, 48, 32, 24, 16, 8, 4)
 MIN_PER_LIST = 39          # faiss warns below 39 training rows per centroid
 QUERIES = 1000             # held-out queries measured by tune
 TRAIN_ALLOWANCE = 256 << 20  # training (the sample and its copies) may take this much, or half the budget if more
-PQ_COPIES = 2.5  # sample copies an OPQ{m}_{d} training holds at most (d <= 1.5 dim): sizes the lists of a PQ key
+PQ_COPIES = 3.0  # sample copies an OPQ{m}_{d} training holds at most (d <= 2 dim): sizes the lists of a PQ key
 # Each PQ sub-quantizer is a k-means of 256 centroids in 2-4 dimensions, where faiss's k-means is slow (a GEMM
 # of width 2-4): 64 rows a centroid (faiss: 256) and 10 OPQ rotations (faiss: 50) keep training to minutes
 # at a million rows; recall is then reached through nprobe.
@@ -77,11 +77,12 @@ def train_rows(rows: int, dim: int, max_memory: int | None, lists: int | None = 
 
 def train_copies(key: str, dim: int) -> float:
     """Copies of the training sample faiss holds while training KEY: the sample, and its transformed copy when
-    KEY starts with a transform (``OPQ{m}_{d}``, ``PCA{d}``, ...: the whole sample goes through it)."""
-    transform = re.match(r"(OPQ\d+(?:_(\d+))?|[A-Z]+?(\d+)?(?:_\d+)?),", key)
-    if not transform or re.match(r"(IVF|HNSW|Flat|PQ|SQ|LSH|NSG|IDMap)", transform.group(1)):
+    KEY starts with a transform (``OPQ{m}_{d}``, ``PCA{d}``, ``L2norm``, ...: the whole sample goes through it)."""
+    first = key.split(",")[0] if "," in key else ""
+    if not first or re.match(r"(IVF|IMI|HNSW|NSG|Flat|PQ|SQ|LSH|RQ|LSQ|IDMap|Refine)", first):
         return 1.0
-    return 1.0 + int(transform.group(2) or transform.group(3) or dim) / dim
+    out = re.fullmatch(r"OPQ\d+_(\d+)|(?:PCAW?R?|RR|ITQ|Pad)(\d+)", first)
+    return 1.0 + int(out and (out.group(1) or out.group(2)) or dim) / dim
 
 
 def _quantizer(lists: int) -> str:
@@ -223,10 +224,8 @@ def build(batches: Iterable[Batch], rows: int, dim: int, kind: str = "auto", max
     """Build an index over the stream; returns ``(index, info)``.
 
     ``info``: ``kind`` (factory string), ``rows``, ``dim``, ``bytes`` (serialised size), ``recall_at_10``
-    (measured on held-out queries after ``tune``, through ``search``'s RERANK if given; 1.0 for Flat), ``params`` (nprobe/efSearch chosen),
-    ``sized_for`` (rows the coarse quantizer was sized for), ``trained_on`` (sample rows), ``target``."""
-    import faiss
-
+    (measured on held-out queries after ``tune``, through ``search``'s RERANK if given; 1.0 for Flat),
+    ``params`` (nprobe/efSearch chosen), ``sized_for`` (rows the coarse quantizer was sized for), ``trained_on`` (sample rows), ``target``."""
     if iter(batches) is batches:
         raise FeatstoreError("build reads the stream twice: pass a list or a re-iterable, not an iterator")
     if rows < 1:
@@ -272,5 +271,5 @@ def serialized_bytes(index) -> int:
 
     writer = faiss.PyCallbackIOWriter(count)
     faiss.write_index(index, writer)
-    del writer  # flushes its last chunk
+    del writer
     return written[0]

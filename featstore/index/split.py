@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from featstore.errors import FeatstoreError
-from featstore.index.build import KINDS, build, choose_kind, index_bytes, nlist_for, parse_size
+from featstore.index.build import KINDS, build, choose_kind, index_bytes, nlist_for, parse_size, train_copies
 from featstore.index import images
 from featstore.store import Store, check_split_name, image_index
 from featstore.store.manifest import ImageIndex
@@ -48,9 +48,6 @@ def build_index(store_dir: str, split: str, kind: str = "auto", max_memory: str 
         keyed = store.key_all_rows(split)
         index, fields = _build(store, split, kind, budget, progress)
         record = _commit(store, split, index, fields)
-    if record.recall_at_10 < record.target:
-        _say(f"the {record.kind} index of split {split!r} finds recall@10 {record.recall_at_10:.3f}, under the target "
-             f"{record.target:g}, at its widest search ({record.params}): a larger --max-memory gives a finer index")
     return {"split": split, "kind": record.kind, "rows": record.rows, "bytes": record.bytes,
             "recall_at_10": record.recall_at_10, "params": record.params, "target": record.target,
             "file": f"{image_index.FOLDER}/{record.file}", "keyed": keyed, "repairs": repairs,
@@ -139,7 +136,7 @@ def family(kind: str, rows: int, dim: int, budget: int | None) -> str:
         return "hnsw"
     if kind == "Flat":
         return "flat"
-    return re.sub(r"IVF\d+", f"IVF{nlist_for(rows, dim, budget)}", kind, count=1)
+    return re.sub(r"IVF\d+", f"IVF{nlist_for(rows, dim, budget, train_copies(kind, dim))}", kind, count=1)
 
 
 def _choose(store: Store, split: str, kind: str, budget: int | None) -> str:
@@ -167,6 +164,10 @@ def _build(store: Store, split: str, kind: str, budget: int | None, progress: bo
         raise FeatstoreError(f"faiss could not build {key} over {rows} rows: {why}") from None
     fields = {name: info[name] for name in ("kind", "rows", "recall_at_10", "target", "params", "sized_for",
                                               "trained_on")}
+    if info["recall_at_10"] < info["target"]:
+        advice = "a larger --max-memory gives a finer index" if kind in KINDS else "a finer --kind gives better recall"
+        _say(f"the {key} index of split {split!r} finds recall@10 {info['recall_at_10']:.3f}, under the target "
+             f"{info['target']:g}, at its widest search ({info['params'] or 'no search parameter'}): {advice}")
     return index, fields | {"max_memory": budget, "model": store.manifest.model.get("spec")}
 
 
