@@ -4,8 +4,8 @@ Scores are the seed notebook's probabilities, softmax(100 · cos) over all class
 of rows; for each block the cosines against every class are one matrix product, of which only the top-k and
 the softmax's normaliser (a logsumexp) are kept, so memory is a block of rows × classes, never the split's.
 ``--out`` rows are written as their block is done, in id order. Blocks are read ahead by one thread and
-scored whole by one thread per core (``scored_blocks``): at 1,000 classes reading a block costs ~0.4x and its
-top-k and normaliser ~0.3x of its matrix product's core time, so on 2 cores ~1.5x the bare products is the floor.
+scored whole by one thread per core (``scored_blocks``): at 1,000 classes reading a block costs ~0.2x and its
+top-k and normaliser ~0.15x of its matrix product's core time, so ~1.5x the bare products is this design's floor.
 """
 
 from __future__ import annotations
