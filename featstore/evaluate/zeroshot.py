@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from featstore.errors import FeatstoreError
 from featstore.store import Store, atomic_write, embedding_matrix, run_batches
+from featstore.store.shards import cast_rows, stored_matrix
 
 LOGIT_SCALE = 100.0  # CLIP's: softmax(100 · cos)
 BLOCK_SCORES = 1 << 22  # rows × classes scored at once: 16 MiB of float32 (one such buffer per scorer)
@@ -37,10 +38,9 @@ OUT_SCHEMA = pa.schema([("id", pa.string()), ("label_ids", pa.list_(pa.int32()))
                         ("scores", pa.list_(pa.float32()))])
 
 
-def normalise(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """X's rows scaled to unit length (a zero row stays zero), into OUT when given (X itself is fine)."""
+def normalise(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, np.where(norms == 0, 1, norms), out=out)
+    return x / np.where(norms == 0, 1, norms)
 
 
 def logit_matrix(index):
@@ -130,13 +130,6 @@ def split_blocks(store: Store, split: str, rows: int, matrix: Callable[[pa.Chunk
             yield part.column("id").combine_chunks(), labels, matrix(part.column("embedding"), store.dim)
 
 
-def stored_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    """An embedding column as a (rows, dim) matrix of its stored type, read-only, not cast: numpy's float16 to
-    float32 cast took 3.5 ms a 4,096 x 512 block where torch's (``scored_blocks``'s reader) takes about 0.2."""
-    column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-
-
 def unit_rows(features):
     """FEATURES (a float32 torch tensor) scaled to unit rows in place (a zero row stays zero)."""
     import torch
@@ -180,9 +173,7 @@ def scored_blocks(store: Store, split: str, classes, k: int) -> Iterator[tuple[p
                 buffer = free.get(timeout=0.1)
             except queue.Empty:
                 continue
-            # a writable copy first (~0.3 ms): torch warns of read-only Arrow memory, and silencing it
-            # (catch_warnings) would change every thread's warning filters
-            buffer[:len(stored)].copy_(torch.from_numpy(np.require(stored, requirements="W")))
+            cast_rows(stored, buffer[:len(stored)])
             return ids, labels, buffer, len(stored)
         return None
 

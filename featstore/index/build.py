@@ -225,7 +225,8 @@ def build(batches: Iterable[Batch], rows: int, dim: int, kind: str = "auto", max
 
     ``info``: ``kind`` (factory string), ``rows``, ``dim``, ``bytes`` (serialised size), ``recall_at_10``
     (measured on held-out queries after ``tune``, through ``search``'s RERANK if given; 1.0 for Flat),
-    ``params`` (nprobe/efSearch chosen), ``sized_for`` (rows the coarse quantizer was sized for), ``trained_on`` (sample rows), ``target``."""
+    ``params`` (nprobe/efSearch chosen), ``sized_for`` (rows the coarse quantizer was sized for), ``trained_on``
+    (sample rows), ``target``."""
     if iter(batches) is batches:
         raise FeatstoreError("build reads the stream twice: pass a list or a re-iterable, not an iterator")
     if rows < 1:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sys
-import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -34,7 +33,7 @@ ROW_GROUP_ROWS = 8192  # pyarrow's default row group is the whole shard, whose c
 READ_ROWS = 4096  # rows per record batch when streaming embeddings (8 MiB of float32 at 512 dimensions)
 WALK_ROWS = 1024  # rows per batch of a sorted run in ``run_rows``, held as Python objects (~0.2 KiB a row)
 DEFAULT_SHARD_ROWS = 50_000
-CAST_BY_TORCH = 1 << 16  # float16 values from which ``embedding_matrix`` casts with torch, when loaded (3.5 vs 0.2 ms a 4096 x 512 block)
+CAST_BY_TORCH = 1 << 16  # float16 values from which ``embedding_matrix`` casts with torch (``cast_rows``), when loaded
 
 
 def write_parquet(table: pa.Table, path: str) -> ShardStats:
@@ -90,18 +89,31 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     """A fixed_size_list column as a float32 (rows, dim) matrix, without per-row Python."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
-    values = column.flatten().to_numpy(zero_copy_only=False)
+    values = stored_matrix(column, dim)
     if values.dtype == np.float16 and values.size >= CAST_BY_TORCH and "torch" in sys.modules:
         import torch  # numpy's half cast takes ~20x torch's, but importing torch only for it costs ~0.5 GiB RSS
 
         out = np.empty(values.shape, np.float32)
-        with warnings.catch_warnings():  # torch warns of read-only Arrow memory, which it only reads here
-            warnings.simplefilter("ignore", UserWarning)
-            torch.from_numpy(out).copy_(torch.from_numpy(values))
-        return out.reshape(-1, dim)
-    return values.astype(np.float32, copy=False).reshape(-1, dim)
+        cast_rows(values, torch.from_numpy(out))
+        return out
+    return values.astype(np.float32, copy=False)
+
+
+def stored_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """A fixed_size_list column as a (rows, dim) matrix of its stored type (float16 in most stores), not cast:
+    read-only, on Arrow's memory where it can be."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def cast_rows(values: np.ndarray, out) -> None:
+    """VALUES (a ``stored_matrix``) into OUT, a float32 torch tensor of their shape, cast by torch (numpy's half
+    cast took 3.5 ms a 4,096 x 512 block, torch's 0.2). A read-only matrix is copied first (~0.3 ms): torch warns
+    of read-only memory, and silencing that (catch_warnings) would change every thread's warning filters."""
+    import torch
+
+    out.copy_(torch.from_numpy(np.require(values, requirements="W")))
 
 
 class DamagedShard(FeatstoreError):
